@@ -1,0 +1,127 @@
+"""The agent's configuration: one TOML file validated by pydantic models.
+
+Every section forbids unknown keys and every field has a description (``edge-agent config
+schema`` prints the JSON Schema). Secrets are never inline: they are read from systemd
+credentials (``$CREDENTIALS_DIRECTORY``) or from files named here.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from engines.configbase import StrictModel
+from engines.store_config import ModelStoreConfig
+from pipelines.config import PipelineConfig
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "AgentConfig",
+    "CpuSpec",
+    "PinningConfig",
+    "ReportingConfig",
+    "WatchdogConfig",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
+
+CpuSpec = str | list[int]
+"""A CPU set: "auto", a list/range string such as "0-3,6", or a list of CPU numbers."""
+
+
+class StagePinning(StrictModel):
+    capture: CpuSpec | None = Field(default=None, description="CPUs of capture threads.")
+    preprocess: CpuSpec | None = Field(default=None, description="CPUs of preprocessing threads.")
+    inference: CpuSpec | None = Field(
+        default=None, description="CPUs of inference threads (ONNX Runtime threads follow it)."
+    )
+    postprocess: CpuSpec | None = Field(default=None, description="CPUs of decoder/NMS threads.")
+    llm: CpuSpec | None = Field(default=None, description="CPUs of llama.cpp threads.")
+    reporting: CpuSpec | None = Field(default=None, description="CPUs of reporter threads.")
+
+
+class PinningConfig(StrictModel):
+    process: CpuSpec = Field(
+        default="auto",
+        description='CPU set of the whole process: "auto" (the allowed set), "0-3,6" or [0, 1].',
+    )
+    stages: StagePinning = Field(
+        default_factory=StagePinning,
+        description="CPU set per pipeline stage; unset stages inherit the process set.",
+    )
+    numa_policy: Literal["none", "bind", "preferred", "interleave"] = Field(
+        default="none", description="Memory policy applied through libnuma."
+    )
+    numa_nodes: list[int] = Field(
+        default_factory=list, description="NUMA nodes for the memory policy."
+    )
+    nice: int = Field(default=0, ge=-20, le=19, description="Process nice value.")
+    sched_fifo_priority: int = Field(
+        default=0, ge=0, le=99, description="SCHED_FIFO priority of the process; 0 = off."
+    )
+    mlockall: bool = Field(default=False, description="Lock all current and future pages in RAM.")
+
+
+class WatchdogConfig(StrictModel):
+    default_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A critical worker that has not beaten for this long stops the systemd "
+        "watchdog pings (when the worker declares no interval of its own).",
+    )
+    test_freeze_file: Path | None = Field(
+        default=None,
+        description="TEST ONLY: while this file exists the agent's heartbeat worker freezes, to "
+        "prove that a frozen worker leads to a watchdog restart.",
+    )
+
+
+class JsonlReporterConfig(StrictModel):
+    path: str = Field(
+        default="-", description='File to append JSON Lines to; "-" writes to standard output.'
+    )
+
+
+class ReportingConfig(StrictModel):
+    jsonl: JsonlReporterConfig | None = Field(
+        default_factory=JsonlReporterConfig,
+        description="JSON Lines reporter (stdout or file); null disables it.",
+    )
+
+
+class AgentConfig(StrictModel):
+    device_id: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Device identity used in topics and reports; default: the host name.",
+    )
+    state_dir: Path = Field(
+        default=Path("/var/lib/edge-agent"),
+        description="Writable state (model store, outbox, slots); $STATE_DIRECTORY overrides "
+        "the default under systemd.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log level."
+    )
+    stop_timeout_s: float = Field(
+        default=10.0, gt=0, description="Time each stop step may take before it is abandoned."
+    )
+    pinning: PinningConfig = Field(
+        default_factory=PinningConfig, description="CPU, NUMA and scheduling settings."
+    )
+    watchdog: WatchdogConfig = Field(
+        default_factory=WatchdogConfig, description="Worker liveness and systemd watchdog."
+    )
+    models: ModelStoreConfig = Field(
+        default_factory=ModelStoreConfig, description="Model store and search path."
+    )
+    reporting: ReportingConfig = Field(
+        default_factory=ReportingConfig, description="Where results and status go."
+    )
+    pipelines: list[PipelineConfig] = Field(
+        default_factory=list, description="Pipelines to run, each selected by its `type`."
+    )

@@ -1,0 +1,94 @@
+"""Errors raised by the agent layer, and the map from any error to a stable reason code.
+
+    AgentError                        reason
+    ├── ConfigError                   config_invalid
+    │                             ├── ConfigFileError     config_unreadable
+    │                             └── ConfigValidationErrorconfig_invalid
+    ├── CredentialError           credential_missing      secret not in credentials / file
+    ├── PinningError              pinning_invalid         CPU outside the allowed set, bad NUMA node
+    ├── StateDirError             state_dir_unusable      state directory missing / not writable
+    ├── StartupError              startup_failed          a start step failed (wraps the cause)
+    ├── NotifyError               notify_failed           NOTIFY_SOCKET unusable (not fatal)
+    └── ReportingError            reporting_failed        a reporter could not start / publish
+
+Errors from the lower layers (``engines.errors.EngineError``, ``pipelines.errors.PipelineError``)
+keep their own ``reason``; ``reason_code()`` reads it from any of the three trees and maps
+everything else to ``internal_error``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from engines.errors import EngineError
+from pipelines.errors import PipelineError
+
+__all__ = [
+    "AgentError",
+    "ConfigError",
+    "ConfigFileError",
+    "ConfigValidationError",
+    "CredentialError",
+    "NotifyError",
+    "PinningError",
+    "ReportingError",
+    "StartupError",
+    "StateDirError",
+    "reason_code",
+]
+
+
+class AgentError(Exception):
+    """Base of every agent-layer error."""
+
+    reason: ClassVar[str] = "agent_error"
+
+
+class ConfigError(AgentError):
+    reason = "config_invalid"
+
+
+class ConfigFileError(ConfigError):
+    reason = "config_unreadable"
+
+
+class ConfigValidationError(ConfigError):
+    """A config that parsed but does not validate; ``problems`` holds one line per problem."""
+
+    reason = "config_invalid"
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s): " + "; ".join(problems))
+
+
+class CredentialError(AgentError):
+    reason = "credential_missing"
+
+
+class PinningError(AgentError):
+    reason = "pinning_invalid"
+
+
+class StateDirError(AgentError):
+    reason = "state_dir_unusable"
+
+
+class StartupError(AgentError):
+    reason = "startup_failed"
+
+
+class NotifyError(AgentError):
+    reason = "notify_failed"
+
+
+class ReportingError(AgentError):
+    reason = "reporting_failed"
+
+
+def reason_code(exc: BaseException) -> str:
+    """The stable reason code for ``exc``: its own for our three trees, else ``internal_error``."""
+    if isinstance(exc, (AgentError, EngineError, PipelineError)):
+        return exc.reason
+    return "internal_error"

@@ -1,0 +1,67 @@
+"""Protocols the pipelines layer defines and the agent implements.
+
+- ``ResultSink``: where a pipeline hands each result message (the agent's JSONL, MQTT and HID
+  reporters implement it). ``publish`` must not block for long: a sink that cannot keep up drops
+  and counts, it never stalls a pipeline.
+- ``Heartbeats``: a pipeline's worker threads call ``beat(worker)`` every loop iteration (loops
+  block with timeouts, so they come round at least once per timeout). The agent's watchdog only
+  pings systemd while every critical worker has beaten within its interval.
+- ``Pipeline``: what the agent starts, stops and asks for status.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["Heartbeats", "Pipeline", "ResultSink"]
+
+
+@runtime_checkable
+class ResultSink(Protocol):
+    """Receives result messages (JSON-serialisable mappings) from pipelines."""
+
+    def publish(self, topic: str, message: Mapping[str, Any]) -> None:
+        """Hand over one message; ``topic`` is relative, e.g. ``vision/street/detections``."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release; publish after close raises ``pipelines.errors.SinkError``."""
+        ...
+
+
+@runtime_checkable
+class Heartbeats(Protocol):
+    """Liveness registry fed by worker threads."""
+
+    def register(self, worker: str, interval_s: float, *, critical: bool = True) -> None:
+        """Declare a worker that promises to beat at least every ``interval_s`` seconds."""
+        ...
+
+    def beat(self, worker: str) -> None:
+        """Record that ``worker`` made progress now."""
+        ...
+
+    def unregister(self, worker: str) -> None:
+        """Forget a worker that stopped on purpose."""
+        ...
+
+
+class Pipeline(Protocol):
+    """A running pipeline as the agent sees it."""
+
+    @property
+    def name(self) -> str: ...
+
+    def start(self, stop_event: threading.Event) -> None:
+        """Start the worker threads; raise a PipelineError/EngineError on failure."""
+        ...
+
+    def stop(self, timeout_s: float) -> bool:
+        """Stop and join the workers; True if all ended within ``timeout_s``."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """JSON-serialisable status: state, counters, latency percentiles."""
+        ...

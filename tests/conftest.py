@@ -1,0 +1,36 @@
+"""Shared fixtures: where the real models and data live (../shared, or the search paths)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def _first_dir(env: str, fallback: Path) -> Path:
+    for part in os.environ.get(env, "").split(os.pathsep):
+        if part and Path(part).is_dir():
+            return Path(part)
+    return fallback
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """Folder with the real detector ONNX files (EDGE_AGENT_MODEL_PATH or ../shared/models)."""
+    path = _first_dir("EDGE_AGENT_MODEL_PATH", SHARED / "models")
+    if not (path / "yolox_nano_416.onnx").is_file():
+        pytest.fail(f"real models not found in {path}: set EDGE_AGENT_MODEL_PATH")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Folder with coco_mini/, darknet/ and videos/ (EDGE_AGENT_DATA_PATH or ../shared/data)."""
+    path = _first_dir("EDGE_AGENT_DATA_PATH", SHARED / "data")
+    if not (path / "videos" / "bikes.mp4").is_file():
+        pytest.fail(f"real data not found in {path}: set EDGE_AGENT_DATA_PATH")
+    return path
