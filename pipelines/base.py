@@ -12,10 +12,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Heartbeats", "Pipeline", "ResultSink"]
+from engines.manifest import ModelManifest
+
+__all__ = ["Heartbeats", "Pipeline", "PipelineContext", "ResolvedModel", "ResultSink"]
 
 
 @runtime_checkable
@@ -65,3 +69,32 @@ class Pipeline(Protocol):
     def status(self) -> dict[str, Any]:
         """JSON-serialisable status: state, counters, latency percentiles."""
         ...
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model file that exists locally and matched its manifest's size and sha256."""
+
+    manifest: ModelManifest
+    path: Path
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PipelineContext:
+    """Everything the agent hands a pipeline at build time (the pipeline imports no agent code).
+
+    ``stage_cpus`` maps a stage name (capture, preprocess, inference, postprocess, llm,
+    reporting) to the CPU set its threads pin themselves to; a missing stage inherits the
+    process set ``process_cpus``.
+    """
+
+    sink: ResultSink
+    heartbeats: Heartbeats
+    resolve_model: Callable[[str], ResolvedModel]
+    resolve_data: Callable[[str], Path]
+    process_cpus: frozenset[int]
+    stage_cpus: Mapping[str, frozenset[int]] = field(default_factory=dict)
+
+    def cpus_for(self, stage: str) -> frozenset[int]:
+        return self.stage_cpus.get(stage, self.process_cpus)
