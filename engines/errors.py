@@ -16,6 +16,7 @@ and a one-line message that names the file or setting and the fix. Errors from t
     │                             └── InputSpecError      input_spec_mismatch
     ├── EngineClosedError         engine_closed           used after close()
     ├── PlanBuildError            plan_build_failed       ONNX -> plan build failed
+    ├── AffinityError             affinity_failed         a thread could not be pinned to its CPUs
     └── ModelStoreError               model_store_error
         ├── ManifestError             manifest_invalid        a manifest that does not validate
         ├── ModelNotFoundError        model_not_found         no manifest / no source has the file
@@ -28,6 +29,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "AffinityError",
     "ChecksumMismatchError",
     "DownloadError",
     "EngineClosedError",
@@ -91,6 +93,10 @@ class EngineClosedError(EngineError):
 
 class PlanBuildError(EngineError):
     reason = "plan_build_failed"
+
+
+class AffinityError(EngineError):
+    reason = "affinity_failed"
 
 
 class ModelStoreError(EngineError):
