@@ -6,6 +6,7 @@
     │                             └── ConfigValidationErrorconfig_invalid
     ├── CredentialError           credential_missing      secret not in credentials / file
     ├── PinningError              pinning_invalid         CPU outside the allowed set, bad NUMA node
+    │   └── NumaUnavailableError  numa_unavailable        libnuma / kernel NUMA missing (a warning)
     ├── StateDirError             state_dir_unusable      state directory missing / not writable
     ├── StartupError              startup_failed          a start step failed (wraps the cause)
     ├── NotifyError               notify_failed           NOTIFY_SOCKET unusable (not fatal)
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigValidationError",
     "CredentialError",
     "NotifyError",
+    "NumaUnavailableError",
     "PinningError",
     "ReportingError",
     "StartupError",
@@ -69,6 +71,12 @@ class CredentialError(AgentError):
 
 class PinningError(AgentError):
     reason = "pinning_invalid"
+
+
+class NumaUnavailableError(PinningError):
+    """libnuma cannot be loaded or the kernel has no NUMA support; callers report a warning."""
+
+    reason = "numa_unavailable"
 
 
 class StateDirError(AgentError):
