@@ -62,7 +62,11 @@ class ConfigValidationError(ConfigError):
     def __init__(self, source: str, problems: list[str]) -> None:
         self.source = source
         self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s): " + "; ".join(problems))
+        super().__init__(
+            f"{source}: {len(problems)} problem(s): "
+            + "; ".join(problems)
+            + f" — fix them (`edge-agent config validate {source}` lists each with its line)"
+        )
 
 
 class CredentialError(AgentError):
