@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, StrictInt
 
+from engines.affinity import MAX_CPU, parse_cpulist
 from engines.configbase import StrictModel
 from engines.store_config import ModelStoreConfig
 from pipelines.config import PipelineConfig
@@ -28,7 +29,27 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 
-CpuSpec = str | list[int]
+
+def _check_cpu_spec(spec: str | list[int]) -> str | list[int]:
+    """Syntax only (the allowed-set check needs the machine: ``agent.pinning.plan_pinning``)."""
+    if isinstance(spec, str):
+        if spec == "auto":
+            return spec
+        if not parse_cpulist(spec):
+            msg = 'empty CPU set: write "auto", a list such as "0-3,6", or [0, 1]'
+            raise ValueError(msg)
+        return spec
+    if not spec:
+        msg = 'empty CPU list: write "auto", a list such as "0-3,6", or [0, 1]'
+        raise ValueError(msg)
+    bad = sorted({cpu for cpu in spec if cpu < 0 or cpu > MAX_CPU})
+    if bad:
+        msg = f"CPU numbers {bad} out of range 0-{MAX_CPU}"
+        raise ValueError(msg)
+    return spec
+
+
+CpuSpec = Annotated[str | list[StrictInt], AfterValidator(_check_cpu_spec)]
 """A CPU set: "auto", a list/range string such as "0-3,6", or a list of CPU numbers."""
 
 
@@ -56,9 +77,17 @@ class PinningConfig(StrictModel):
         default="none", description="Memory policy applied through libnuma."
     )
     numa_nodes: list[int] = Field(
-        default_factory=list, description="NUMA nodes for the memory policy."
+        default_factory=list,
+        description="NUMA nodes for the memory policy; empty = the nodes that own the process "
+        "CPUs ('preferred' takes exactly one node).",
     )
-    nice: int = Field(default=0, ge=-20, le=19, description="Process nice value.")
+    nice: int | None = Field(
+        default=None,
+        ge=-20,
+        le=19,
+        description="Nice value of every agent thread; unset = keep the inherited one "
+        "(e.g. systemd Nice=).",
+    )
     sched_fifo_priority: int = Field(
         default=0, ge=0, le=99, description="SCHED_FIFO priority of the process; 0 = off."
     )
