@@ -189,7 +189,7 @@ class LibNuma:
             lib = ctypes.CDLL(self.name, use_errno=True)
             self._declare(lib)
         except OSError as exc:
-            msg = f"libnuma not loadable ({self.name}: {exc}); install libnuma1 for NUMA policies"
+            msg = f"libnuma not loadable ({exc}); install libnuma1 for NUMA policies"
             raise NumaUnavailableError(msg) from exc
         except AttributeError as exc:
             msg = f"libnuma {self.name} lacks {exc}; a libnuma >= 2.0.8 is needed"
