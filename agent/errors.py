@@ -11,6 +11,11 @@
     ├── StartupError              startup_failed          a start step failed (wraps the cause)
     ├── NotifyError               notify_failed           NOTIFY_SOCKET unusable (not fatal)
     └── ReportingError            reporting_failed        a reporter could not start / publish
+        ├── TopicInvalidError     topic_invalid           topic level empty / wildcard / too long
+        ├── OutboxFullError       outbox_full             a critical message did not fit the outbox
+        ├── MessageTooLargeError  message_too_large       one message over outbox.max_message_bytes
+        ├── OutboxStoreError      outbox_unusable         SQLite outbox cannot be opened / written
+        └── TrustedKeyError       trusted_key_invalid     a trusted command key file is unreadable
 
 Errors from the lower layers (``engines.errors.EngineError``, ``pipelines.errors.PipelineError``)
 keep their own ``reason``; ``reason_code()`` reads it from any of the three trees and maps
@@ -30,12 +35,17 @@ __all__ = [
     "ConfigFileError",
     "ConfigValidationError",
     "CredentialError",
+    "MessageTooLargeError",
     "NotifyError",
     "NumaUnavailableError",
+    "OutboxFullError",
+    "OutboxStoreError",
     "PinningError",
     "ReportingError",
     "StartupError",
     "StateDirError",
+    "TopicInvalidError",
+    "TrustedKeyError",
     "reason_code",
 ]
 
@@ -97,6 +107,26 @@ class NotifyError(AgentError):
 
 class ReportingError(AgentError):
     reason = "reporting_failed"
+
+
+class TopicInvalidError(ReportingError):
+    reason = "topic_invalid"
+
+
+class OutboxFullError(ReportingError):
+    reason = "outbox_full"
+
+
+class MessageTooLargeError(ReportingError):
+    reason = "message_too_large"
+
+
+class OutboxStoreError(ReportingError):
+    reason = "outbox_unusable"
+
+
+class TrustedKeyError(ReportingError):
+    reason = "trusted_key_invalid"
 
 
 def reason_code(exc: BaseException) -> str:
