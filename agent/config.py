@@ -139,6 +139,12 @@ class AgentConfig(StrictModel):
     stop_timeout_s: float = Field(
         default=10.0, gt=0, description="Time each stop step may take before it is abandoned."
     )
+    load_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Time granted to each long start step (building a pipeline: model fetch, "
+        "engine load or plan build); sent to systemd as EXTEND_TIMEOUT_USEC before the step.",
+    )
     pinning: PinningConfig = Field(
         default_factory=PinningConfig, description="CPU, NUMA and scheduling settings."
     )

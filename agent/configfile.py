@@ -186,7 +186,14 @@ def _pinning_problems(config: AgentConfig, lines: Mapping[KeyPath, int]) -> list
     try:
         plan_pinning(config.pinning)
     except PinningError as exc:
-        return [ConfigProblem(("pinning",), _line_for(("pinning",), lines), str(exc))]
+        # PinningError messages start with the key they are about: "pinning.process: ..."
+        message = str(exc)
+        path: KeyPath = ("pinning",)
+        match = re.match(r"^(pinning(?:\.[A-Za-z_]+)+):\s*(.*)$", message, re.DOTALL)
+        if match:
+            path = tuple(match.group(1).split("."))
+            message = match.group(2)
+        return [ConfigProblem(path, _line_for(path, lines), message)]
     return []
 
 

@@ -1,0 +1,592 @@
+"""The agent process: start in named steps, supervise, stop in reverse with timeouts.
+
+``Agent(config).start()`` runs, in order (the config itself was loaded and validated by the
+caller, see ``agent.configfile.load_config``):
+
+1. **pinning** — plan the CPU sets against the allowed set and apply the process-wide part
+   (affinity, NUMA memory policy, nice, SCHED_FIFO, mlockall);
+2. **state dir** — create/check the writable state directory (``$STATE_DIRECTORY`` under
+   systemd);
+3. **reporting** — open the configured reporters (JSON Lines now);
+4. **watchdog** — start the systemd watchdog pinger (when ``WATCHDOG_USEC`` asks for it);
+5. **model store** — open the model store under the state directory;
+6. **pipelines** — build and start each pipeline; one that fails is recorded with its reason
+   code and the agent runs *degraded* while the others keep going;
+7. **ready** — ``READY=1`` to systemd, state ``ready`` (or ``degraded``).
+
+Each completed step leaves an undo action; ``stop()`` runs them in reverse, each bounded by
+``stop_timeout_s`` (an overrun is logged and abandoned). A failed step undoes the steps before
+it and raises. One ``threading.Event`` is the stop event for every thread of the agent.
+
+``run()`` is the supervisor loop: it beats the watchdog as a critical worker, notices pipelines
+that failed or finished, and returns when the stop event is set (SIGTERM/SIGINT, see
+``agent.cli.run_cmd``) or a bound (duration, all pipelines finished) is reached.
+
+Status (``Agent.status()``) is written atomically to ``<state_dir>/status.json`` and published
+on the ``status`` topic at every state change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, TypedDict
+
+from agent.config import AgentConfig
+from agent.errors import AgentError, StartupError, StateDirError, reason_code
+from agent.health import Watchdog, watchdog_interval_s
+from agent.notify import Notifier
+from agent.reporting import FanoutSink, open_reporting
+from engines.errors import EngineError
+from engines.store import DATA_PATH_ENV, ModelStore
+from pipelines.base import Pipeline, PipelineContext, ResolvedModel
+from pipelines.config import PipelineConfig
+from pipelines.errors import PipelineError, SourceOpenError
+
+__all__ = [
+    "SUPERVISOR_WORKER",
+    "Agent",
+    "AgentState",
+    "AgentStatus",
+    "FailedModel",
+    "PipelineEntry",
+    "agent_version",
+    "resolve_state_dir",
+]
+
+_log = logging.getLogger(__name__)
+
+AgentState = Literal["starting", "ready", "degraded", "stopping", "stopped"]
+
+SUPERVISOR_WORKER = "agent.supervisor"
+"""Name of the agent's own critical worker in the watchdog registry."""
+
+_TERMINAL_PIPELINE_STATES = frozenset({"finished", "failed", "stopped"})
+_STATUS_FILE = "status.json"
+
+
+class PipelineEntry(TypedDict):
+    name: str
+    type: str
+    model: str
+    state: str
+    reason: str | None
+    error: str | None
+    status: dict[str, Any]
+
+
+class FailedModel(TypedDict):
+    model: str
+    pipeline: str
+    reason: str
+    error: str
+
+
+class AgentStatus(TypedDict):
+    state: AgentState
+    boot_id: str
+    version: str
+    device_id: str
+    pid: int
+    started_at: float
+    updated_at: float
+    state_dir: str | None
+    pinning: dict[str, Any] | None
+    watchdog: dict[str, Any]
+    pipelines: list[PipelineEntry]
+    failed_models: list[FailedModel]
+
+
+def agent_version() -> str:
+    """The installed package version (``0+unknown`` when running from an uninstalled tree)."""
+    try:
+        return metadata.version("edge-agent")
+    except metadata.PackageNotFoundError:
+        _log.debug("package metadata of edge-agent not found; version unknown")
+        return "0+unknown"
+
+
+def resolve_state_dir(config: AgentConfig, environ: Mapping[str, str]) -> Path:
+    """The state directory: ``state_dir`` when set in the config, else systemd's
+    ``$STATE_DIRECTORY`` (first entry), else the config default."""
+    if "state_dir" not in config.model_fields_set:
+        from_systemd = environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if from_systemd:
+            return Path(from_systemd)
+    return config.state_dir
+
+
+@dataclass
+class _PipelineSlot:
+    config: PipelineConfig
+    pipeline: Pipeline | None = None
+    error: BaseException | None = None
+    last_state: str = "starting"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Agent:
+    """The running agent. Not reusable: one ``start()``/``stop()`` cycle per instance."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        environ: Mapping[str, str] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self._env: Mapping[str, str] = dict(os.environ if environ is None else environ)
+        self.stop_event = threading.Event()
+        self._notifier = notifier if notifier is not None else Notifier.from_env(self._env)
+        self.watchdog = Watchdog(self._notifier, watchdog_interval_s(self._env))
+        self.boot_id = str(uuid.uuid4())
+        self.version = agent_version()
+        self._lock = threading.RLock()
+        self._state: AgentState = "starting"
+        self._started_at = time.time()
+        self._undo: list[tuple[str, Callable[[], None], float]] = []
+        self._pinning_status: dict[str, Any] | None = None
+        self._process_cpus: frozenset[int] = frozenset()
+        self._stage_cpus: dict[str, frozenset[int]] = {}
+        self._state_dir: Path | None = None
+        self._sink: FanoutSink | None = None
+        self._store: ModelStore | None = None
+        self._slots: list[_PipelineSlot] = []
+        self._stopped = False
+        self._frozen_logged = False
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def state(self) -> AgentState:
+        return self._state
+
+    @property
+    def state_dir(self) -> Path | None:
+        return self._state_dir
+
+    @property
+    def sink(self) -> FanoutSink | None:
+        return self._sink
+
+    def start(self) -> None:
+        """Run the start steps in order; on failure undo the completed ones and raise."""
+        self._set_state("starting", "starting")
+        self._step("pinning", self._apply_pinning)
+        self._step("state dir", self._open_state_dir)
+        self._step("reporting", self._open_reporting)
+        self._step("watchdog", self._start_watchdog)
+        self._step("model store", self._open_model_store)
+        self._step("pipelines", self._start_pipelines)
+        self._become_ready()
+
+    def request_stop(self) -> None:
+        """Ask the agent to stop (safe from a signal handler: it only sets the stop event)."""
+        self.stop_event.set()
+
+    def stop(self) -> None:
+        """Undo the completed start steps in reverse, each within ``stop_timeout_s``."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._set_state("stopping", "stopping")
+        self.stop_event.set()
+        self._undo_all()
+        self._set_state("stopped", "stopped")
+        self._notifier.close()
+
+    def run(self, *, duration_s: float | None = None, until_finished: bool = False) -> None:
+        """Supervise until the stop event is set, ``duration_s`` passed, or (``until_finished``)
+        every pipeline reached a final state. Beats the watchdog as a critical worker."""
+        interval = self.config.watchdog.default_interval_s
+        tick = min(1.0, interval / 4)
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        self.watchdog.register(SUPERVISOR_WORKER, interval, critical=True)
+        try:
+            while not self.stop_event.is_set():
+                if self._frozen_by_test_switch():
+                    self.stop_event.wait(tick)
+                    continue
+                self.watchdog.beat(SUPERVISOR_WORKER)
+                self._supervise_pipelines()
+                if deadline is not None and time.monotonic() >= deadline:
+                    _log.info("run duration of %.1f s reached; stopping", duration_s)
+                    return
+                if until_finished and self._pipelines_done():
+                    _log.info("every pipeline finished; stopping")
+                    return
+                self.stop_event.wait(tick)
+        finally:
+            self.watchdog.unregister(SUPERVISOR_WORKER)
+
+    # ------------------------------------------------------------------ start steps
+    def _step(
+        self, name: str, action: Callable[[], tuple[Callable[[], None], float] | None]
+    ) -> None:
+        if self.stop_event.is_set():
+            _log.info("stop requested during start; skipping step %r", name)
+            return
+        _log.debug("start step: %s", name)
+        self._notifier.status(f"starting: {name}")
+        try:
+            undo = action()
+        except Exception as exc:
+            _log.debug("start step %r failed", name, exc_info=True)
+            self._notifier.status(f"failed: {name}: [{reason_code(exc)}] {exc}")
+            self.stop_event.set()
+            self._undo_all()
+            if isinstance(exc, (AgentError, EngineError, PipelineError)):
+                raise
+            raise StartupError(
+                f"start step {name!r} failed: {type(exc).__name__}: {exc} — rerun with --debug "
+                "for the traceback and report it"
+            ) from exc
+        if undo is not None:
+            self._undo.append((name, *undo))
+
+    def _apply_pinning(self) -> tuple[Callable[[], None], float] | None:
+        from agent.pinning import apply_process_pinning, plan_pinning  # noqa: PLC0415
+
+        plan = plan_pinning(self.config.pinning)
+        report = apply_process_pinning(plan)
+        self._process_cpus = frozenset(plan.process_cpus)
+        self._stage_cpus = {k: frozenset(v) for k, v in plan.stage_cpus.items()}
+        self._pinning_status = report.to_status()
+        for warning in report.warnings:
+            _log.warning("pinning: %s", warning)
+        return None
+
+    def _open_state_dir(self) -> tuple[Callable[[], None], float] | None:
+        path = resolve_state_dir(self.config, self._env)
+        hint = "set state_dir in the config to a writable folder, or create it for this user"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateDirError(
+                f"state directory {path} cannot be created: {exc.strerror} — {hint}"
+            ) from exc
+        if not path.is_dir():
+            raise StateDirError(f"state directory {path} is not a directory — {hint}")
+        try:
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+                pass
+        except OSError as exc:
+            raise StateDirError(
+                f"state directory {path} is not writable: {exc.strerror} — {hint}"
+            ) from exc
+        self._state_dir = path
+        self._write_status_file(self.status())
+        return None
+
+    def _open_reporting(self) -> tuple[Callable[[], None], float] | None:
+        sink = open_reporting(self.config.reporting)
+        self._sink = sink
+
+        def close() -> None:
+            self._sink = None
+            sink.close()
+
+        return close, self.config.stop_timeout_s
+
+    def _start_watchdog(self) -> tuple[Callable[[], None], float] | None:
+        self.watchdog.start(self.stop_event)
+
+        def join() -> None:
+            if not self.watchdog.join(self.config.stop_timeout_s):
+                _log.warning(
+                    "watchdog pinger did not end within %.1f s", self.config.stop_timeout_s
+                )
+
+        return join, self.config.stop_timeout_s
+
+    def _open_model_store(self) -> tuple[Callable[[], None], float] | None:
+        if self._state_dir is None:
+            raise StartupError("model store opened before the state directory — a bug")
+        self._store = ModelStore(self.config.models, self._state_dir, env=self._env)
+        return None
+
+    def _start_pipelines(self) -> tuple[Callable[[], None], float] | None:
+        self._slots = [_PipelineSlot(cfg) for cfg in self.config.pipelines]
+        if not self._slots:
+            _log.warning("no pipelines configured; the agent only reports its status")
+        for slot in self._slots:
+            if self.stop_event.is_set():
+                break
+            self._start_one_pipeline(slot)
+        timeout = self.config.stop_timeout_s * max(1, len(self._slots))
+        return self._stop_pipelines, timeout
+
+    def _start_one_pipeline(self, slot: _PipelineSlot) -> None:
+        from pipelines.factory import build_pipeline  # noqa: PLC0415
+
+        name = slot.config.name
+        self._notifier.extend_timeout(self.config.load_timeout_s)
+        self._notifier.status(f"starting: pipeline {name} (model {slot.config.model})")
+        try:
+            pipeline = build_pipeline(slot.config, self._pipeline_context())
+            slot.pipeline = pipeline
+            pipeline.start(self.stop_event)
+        except (AgentError, EngineError, PipelineError) as exc:
+            self._record_pipeline_failure(slot, exc)
+        except Exception as exc:  # noqa: BLE001 - an unexpected bug in one pipeline degrades
+            _log.exception("pipeline %s failed to start with an unexpected error", name)
+            self._record_pipeline_failure(slot, exc)
+        else:
+            slot.last_state = "running"
+            _log.info("pipeline %s started", name)
+
+    def _record_pipeline_failure(self, slot: _PipelineSlot, exc: BaseException) -> None:
+        slot.error = exc
+        slot.last_state = "failed"
+        _log.error(
+            "pipeline %s failed to start [%s]: %s; the agent keeps running degraded",
+            slot.config.name,
+            reason_code(exc),
+            exc,
+        )
+        if slot.pipeline is not None:
+            # built but failed to start: release what the build acquired
+            self._stop_pipeline(slot, self.config.stop_timeout_s)
+            slot.pipeline = None
+
+    def _pipeline_context(self) -> PipelineContext:
+        if self._sink is None:
+            raise StartupError("pipelines built before reporting — a bug")
+        return PipelineContext(
+            sink=self._sink,
+            heartbeats=self.watchdog,
+            resolve_model=self._resolve_model,
+            resolve_data=self._resolve_data,
+            process_cpus=self._process_cpus,
+            stage_cpus=self._stage_cpus,
+        )
+
+    def _model_store(self) -> ModelStore:
+        if self._store is None:
+            raise StartupError("model store used before it was opened — a bug")
+        return self._store
+
+    def _resolve_model(self, name: str) -> ResolvedModel:
+        """A model manifest name -> its checked local file (pulled if allowed) and labels."""
+        store = self._model_store()
+        manifest = store.manifest(name)
+        path = store.resolve(name)
+        return ResolvedModel(manifest=manifest, path=path, labels=store.labels(manifest))
+
+    def _resolve_data(self, name: str) -> Path:
+        """A data name -> a local file: an existing path as is, a data manifest name through
+        the model store, else a relative path under ``$EDGE_AGENT_DATA_PATH``."""
+        candidate = Path(name).expanduser()
+        if candidate.is_absolute() or candidate.exists():
+            return candidate
+        store = self._model_store()
+        if name in {m.name for m in store.manifests()}:
+            return store.resolve(name)
+        data_dirs = [Path(p) for p in self._env.get(DATA_PATH_ENV, "").split(os.pathsep) if p]
+        for folder in data_dirs:
+            if (folder / candidate).exists():
+                return folder / candidate
+        searched = ", ".join(map(str, data_dirs)) or f"no ${DATA_PATH_ENV} set"
+        raise SourceOpenError(
+            f"data {name!r} is neither a file, a data manifest nor under the data path "
+            f"({searched}) — give an absolute path or set ${DATA_PATH_ENV}"
+        )
+
+    def _become_ready(self) -> None:
+        if self.stop_event.is_set():
+            return
+        failed = [s for s in self._slots if s.error is not None]
+        running = len(self._slots) - len(failed)
+        if failed:
+            detail = ", ".join(
+                f"{s.config.name} [{reason_code(s.error)}]" for s in failed if s.error
+            )
+            text = f"degraded: {running} pipeline(s) running, failed: {detail}"
+            self._set_state("degraded", text, ready=True)
+        else:
+            self._set_state("ready", f"ready: {running} pipeline(s) running", ready=True)
+
+    # ------------------------------------------------------------------ stop
+    def _undo_all(self) -> None:
+        while self._undo:
+            name, undo, timeout = self._undo.pop()
+            _run_bounded(name, undo, timeout)
+
+    def _stop_pipelines(self) -> None:
+        deadline = time.monotonic() + self.config.stop_timeout_s * max(1, len(self._slots))
+        for slot in reversed(self._slots):
+            if slot.pipeline is not None:
+                self._stop_pipeline(slot, max(0.1, deadline - time.monotonic()))
+
+    def _stop_pipeline(self, slot: _PipelineSlot, timeout_s: float) -> None:
+        if slot.pipeline is None:
+            return
+        try:
+            if not slot.pipeline.stop(timeout_s):
+                _log.warning(
+                    "pipeline %s did not stop within %.1f s; abandoning its threads",
+                    slot.config.name,
+                    timeout_s,
+                )
+        except Exception:  # noqa: BLE001 - logged; the other pipelines must still stop
+            _log.exception("pipeline %s failed while stopping", slot.config.name)
+
+    # ------------------------------------------------------------------ supervision
+    def _frozen_by_test_switch(self) -> bool:
+        freeze = self.config.watchdog.test_freeze_file
+        frozen = freeze is not None and freeze.exists()
+        if frozen and not self._frozen_logged:
+            _log.warning(
+                "test switch %s exists: the supervisor stops beating (simulated freeze)", freeze
+            )
+        elif not frozen and self._frozen_logged:
+            _log.warning("test switch removed: the supervisor beats again")
+        self._frozen_logged = frozen
+        return frozen
+
+    def _supervise_pipelines(self) -> None:
+        changed = False
+        for slot in self._slots:
+            if slot.pipeline is None:
+                continue
+            state = str(self._pipeline_status(slot).get("state", "unknown"))
+            if state != slot.last_state:
+                _log.info("pipeline %s: %s -> %s", slot.config.name, slot.last_state, state)
+                slot.last_state = state
+                changed = True
+        if not changed or self._state not in ("ready", "degraded"):
+            return
+        failed = [s.config.name for s in self._slots if s.last_state == "failed"]
+        if failed:
+            self._set_state("degraded", f"degraded: pipeline(s) failed: {', '.join(failed)}")
+        else:
+            self._set_state(self._state, f"{self._state}: pipeline state changed")
+
+    def _pipelines_done(self) -> bool:
+        return all(
+            slot.pipeline is None or slot.last_state in _TERMINAL_PIPELINE_STATES
+            for slot in self._slots
+        )
+
+    def _pipeline_status(self, slot: _PipelineSlot) -> dict[str, Any]:
+        if slot.pipeline is None:
+            return {}
+        try:
+            return slot.pipeline.status()
+        except Exception as exc:  # noqa: BLE001 - status of one pipeline must not break others
+            _log.warning("status of pipeline %s failed: %s", slot.config.name, exc)
+            return {"state": "unknown", "status_error": str(exc)}
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> AgentStatus:
+        """A JSON-serialisable snapshot of the agent."""
+        with self._lock:
+            pipelines: list[PipelineEntry] = []
+            failed_models: list[FailedModel] = []
+            for slot in self._slots:
+                err = slot.error
+                pipelines.append(
+                    PipelineEntry(
+                        name=slot.config.name,
+                        type=slot.config.type,
+                        model=slot.config.model,
+                        state="failed" if err is not None else slot.last_state,
+                        reason=reason_code(err) if err is not None else None,
+                        error=str(err) if err is not None else None,
+                        status=self._pipeline_status(slot),
+                    )
+                )
+                if err is not None and isinstance(err, EngineError):
+                    failed_models.append(
+                        FailedModel(
+                            model=slot.config.model,
+                            pipeline=slot.config.name,
+                            reason=reason_code(err),
+                            error=str(err),
+                        )
+                    )
+            return AgentStatus(
+                state=self._state,
+                boot_id=self.boot_id,
+                version=self.version,
+                device_id=self.config.device_id,
+                pid=os.getpid(),
+                started_at=self._started_at,
+                updated_at=time.time(),
+                state_dir=str(self._state_dir) if self._state_dir else None,
+                pinning=self._pinning_status,
+                watchdog=self.watchdog.status(),
+                pipelines=pipelines,
+                failed_models=failed_models,
+            )
+
+    def _set_state(self, state: AgentState, text: str, *, ready: bool = False) -> None:
+        with self._lock:
+            self._state = state
+            snapshot = self.status()
+        _log.info("agent %s", text)
+        if ready:
+            self._notifier.ready(text)
+        elif state == "stopping":
+            self._notifier.stopping(text)
+        else:
+            self._notifier.status(text)
+        self._write_status_file(snapshot)
+        sink = self._sink
+        if sink is not None:
+            try:
+                sink.publish("status", dict(snapshot))
+            except PipelineError as exc:
+                _log.warning("could not publish status: %s", exc)
+
+    def _write_status_file(self, snapshot: AgentStatus) -> None:
+        if self._state_dir is None:
+            return
+        target = self._state_dir / _STATUS_FILE
+        text = json.dumps(snapshot, indent=2, sort_keys=True) + "\n"
+        tmp: Path | None = None
+        try:
+            fd, name = tempfile.mkstemp(dir=self._state_dir, prefix=".status-", suffix=".json")
+            tmp = Path(name)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(text)
+            tmp.replace(target)
+        except OSError as exc:
+            _log.warning("could not write %s: %s", target, exc)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+
+
+def _run_bounded(name: str, action: Callable[[], None], timeout_s: float) -> None:
+    """Run one stop step in a helper thread; log it if it raised or overran ``timeout_s``."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - reported below, the other steps still run
+            errors.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=target, name=f"stop:{name}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        _log.warning(
+            "stop step %r overran its %.1f s timeout; abandoning it and continuing", name, timeout_s
+        )
+        return
+    if errors:
+        _log.error("stop step %r failed: %s", name, errors[0], exc_info=errors[0])
+    else:
+        _log.debug("stop step %r done in %.3f s", name, time.monotonic() - started)
