@@ -1,0 +1,98 @@
+"""Ultralytics YOLOv5: one output ``[B, N, 5 + C]`` with ``N = 3 x`` the grid cells.
+
+Per anchor box: ``cx, cy, w, h`` already in model-input pixels, objectness and C class scores
+(both sigmoided in the export). Score = objectness x best class score (one class per box), then
+class-aware NMS. ``N`` is three anchors per cell over strides 8/16/32 (P5 models) or 8/16/32/64
+(P6 models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from typing_extensions import override
+
+from engines.base import TensorSpec
+from engines.manifest import InputSpec
+from pipelines.vision.decoders.base import (
+    BaseDecoder,
+    DecodeParams,
+    anchor_count,
+    check_runtime_shape,
+    check_shape,
+    finish,
+    select_scores,
+    single_output,
+    single_output_spec,
+    xywh_to_xyxy,
+)
+from pipelines.vision.detections import Detections
+from pipelines.vision.preprocess import FrameMeta
+
+__all__ = ["Yolov5Decoder"]
+
+ANCHORS_PER_CELL = 3
+STRIDES_P5 = (8, 16, 32)
+STRIDES_P6 = (8, 16, 32, 64)
+
+
+class Yolov5Decoder(BaseDecoder):
+    """Decoder for YOLOv5 exports (see the module docstring)."""
+
+    name = "yolov5"
+
+    def __init__(self, spec: InputSpec, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self._counts = tuple(
+            ANCHORS_PER_CELL * anchor_count(spec.width, spec.height, strides)
+            for strides in (STRIDES_P5, STRIDES_P6)
+        )
+        self._expected = (-1, self._counts[0], 5 + num_classes)
+        self._scratch: dict[int, tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]] = {}
+
+    @override
+    def check_outputs(
+        self, outputs: tuple[TensorSpec, ...], inputs: tuple[TensorSpec, ...]
+    ) -> None:
+        meaning = f"cx, cy, w, h, objectness + {self.num_classes} class scores per box"
+        spec = single_output_spec(self.name, outputs, meaning)
+        if len(spec.shape) == 3 and spec.shape[1] in self._counts:
+            check_shape(self.name, spec, (-1, spec.shape[1], 5 + self.num_classes), meaning)
+        else:
+            check_shape(self.name, spec, self._expected, meaning)
+
+    @override
+    def decode(
+        self,
+        outputs: Mapping[str, npt.NDArray[Any]],
+        metas: Sequence[FrameMeta],
+        params: DecodeParams,
+    ) -> list[Detections]:
+        raw = single_output(self.name, outputs)
+        n = raw.shape[1] if raw.ndim == 3 and raw.shape[1] in self._counts else self._counts[0]
+        check_runtime_shape(self.name, "output", raw, (-1, n, 5 + self.num_classes), len(metas))
+        if n not in self._scratch:
+            self._scratch[n] = (np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32))
+        best, score = self._scratch[n]
+        results = []
+        for b, meta in enumerate(metas):
+            pred = raw[b]
+            np.max(pred[:, 5:], axis=1, out=best)
+            np.multiply(pred[:, 4], best, out=score)
+            idx, invalid = select_scores(score, params.score_threshold)
+            cand = pred[idx]
+            results.append(
+                finish(
+                    xywh_to_xyxy(cand[:, :4]),
+                    score[idx],
+                    np.argmax(cand[:, 5:], axis=1),
+                    meta,
+                    params,
+                    invalid=invalid,
+                    num_classes=self.num_classes,
+                )
+            )
+        return results
