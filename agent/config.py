@@ -109,6 +109,7 @@ class WatchdogConfig(StrictModel):
 
 
 class JsonlReporterConfig(StrictModel):
+    enabled: bool = Field(default=True, description="Write JSON Lines; false turns it off.")
     path: str = Field(
         default="-", description='File to append JSON Lines to; "-" writes to standard output.'
     )
@@ -117,7 +118,7 @@ class JsonlReporterConfig(StrictModel):
 class ReportingConfig(StrictModel):
     jsonl: JsonlReporterConfig | None = Field(
         default_factory=JsonlReporterConfig,
-        description="JSON Lines reporter (stdout or file); null disables it.",
+        description="JSON Lines reporter (stdout or file); `enabled = false` turns it off.",
     )
 
 

@@ -76,6 +76,6 @@ def _close_one(sink: ResultSink) -> Exception | None:
 def open_reporting(config: ReportingConfig) -> FanoutSink:
     """Every reporter the config enables, behind one fan-out sink."""
     sinks: list[ResultSink] = []
-    if config.jsonl is not None:
+    if config.jsonl is not None and config.jsonl.enabled:
         sinks.append(JsonlSink(config.jsonl.path))
     return FanoutSink(sinks)
