@@ -5,9 +5,10 @@ the model input (``x = (pixel * scale - mean) / std`` in the model's channel ord
 either letterboxed (aspect kept, padded at the top-left corner or centred) or stretched. It
 writes into the buffer it is given (the engine's, pinned on TensorRT) and reuses its own scratch
 buffers, one set per source frame size, so a steady stream allocates no frame-sized arrays:
-``cv2.resize`` writes into a preallocated ``dst`` and the scale/mean/std step is one fused
-``np.multiply``/``np.add`` pair per channel with ``out=`` views into the engine buffer, the BGR/RGB
-swap being free (it only picks which source channel feeds which plane).
+``cv2.resize`` writes into a preallocated ``dst``, then per channel a strided ``np.copyto`` casts
+the pixels into their plane of the engine buffer and one in-place multiply and add apply
+``scale``/``mean``/``std`` (folded into a gain and a bias); the BGR/RGB swap is free (it only picks
+which source channel feeds which plane).
 
 ``prepare`` returns a ``FrameMeta``: the source size and the exact affine map between source and
 model-input pixels (``x_in = x_src * scale_x + pad_x``) that decoders undo. The scales are the
@@ -98,12 +99,15 @@ class Preprocessor:
         if np.any(std == 0.0):
             raise PreprocessError(f"input spec std {spec.std} has a zero: cannot divide by it")
         mean = np.asarray(spec.mean, dtype=np.float64)
-        # x = (p * scale - mean) / std = p * gain + bias, per model channel
-        self._gain = [np.float32(v) for v in spec.scale / std]
-        self._bias = [np.float32(v) for v in -mean / std]
-        self._pad = [
-            np.float32(spec.pad_value * g + b) for g, b in zip(self._gain, self._bias, strict=True)
-        ]
+        # x = (p * scale - mean) / std = p * gain + bias, per model channel; pad likewise.
+        # Constants per output dtype, so the in-place arithmetic needs no casting buffers.
+        gain = spec.scale / std
+        bias = -mean / std
+        pad = spec.pad_value * gain + bias
+        self._consts = {
+            dt: ([dt.type(v) for v in gain], [dt.type(v) for v in bias], [dt.type(v) for v in pad])
+            for dt in _OUT_DTYPES
+        }
         # model channel c reads BGR frame channel _src[c]
         self._src = (0, 1, 2) if spec.color == "bgr" else (2, 1, 0)
         self._plans: OrderedDict[tuple[int, int], _Plan] = OrderedDict()
@@ -209,9 +213,10 @@ class Preprocessor:
         nchw = self.spec.layout == "nchw"
         pad_x, pad_y, new_w, new_h = plan.meta.pad_x, plan.meta.pad_y, plan.new_w, plan.new_h
         x2, y2 = pad_x + new_w, pad_y + new_h
+        gains, biases, pads = self._consts[slot.dtype]
         for c in range(3):
             plane = slot[c] if nchw else slot[:, :, c]
-            pad = self._pad[c]
+            pad = pads[c]
             # padding strips only (top, bottom, left, right); the image area is written below
             if pad_y > 0:
                 plane[:pad_y, :] = pad
@@ -221,6 +226,8 @@ class Preprocessor:
                 plane[pad_y:y2, :pad_x] = pad
             if x2 < self.width:
                 plane[pad_y:y2, x2:] = pad
+            # uint8 -> float by a strided cast (no buffer), then scale and shift in place
             region = plane[pad_y:y2, pad_x:x2]
-            np.multiply(image[:, :, self._src[c]], self._gain[c], out=region, dtype=region.dtype)
-            np.add(region, self._bias[c], out=region)
+            np.copyto(region, image[:, :, self._src[c]], casting="unsafe")
+            np.multiply(region, gains[c], out=region)
+            np.add(region, biases[c], out=region)
