@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -39,11 +40,10 @@ def notify_socket(tmp_path: Path) -> Iterator[tuple[Notifier, socket.socket]]:
 def pending(sock: socket.socket) -> list[bytes]:
     """Every datagram already queued on ``sock`` (non-blocking)."""
     out: list[bytes] = []
-    while True:
-        try:
+    with contextlib.suppress(BlockingIOError):
+        while True:
             out.append(sock.recv(4096, socket.MSG_DONTWAIT))
-        except BlockingIOError:
-            return out
+    return out
 
 
 def test_watchdog_implements_heartbeats_protocol() -> None:
