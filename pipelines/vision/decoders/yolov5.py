@@ -81,7 +81,8 @@ class Yolov5Decoder(BaseDecoder):
         for b, meta in enumerate(metas):
             pred = raw[b]
             np.max(pred[:, 5:], axis=1, out=best)
-            np.multiply(pred[:, 4], best, out=score)
+            with np.errstate(invalid="ignore"):  # inf x 0 -> NaN, counted below
+                np.multiply(pred[:, 4], best, out=score)
             idx, invalid = select_scores(score, params.score_threshold)
             cand = pred[idx]
             results.append(

@@ -79,7 +79,8 @@ class YoloxDecoder(BaseDecoder):
             pred = raw[b]
             cls = pred[:, 5:]
             np.max(cls, axis=1, out=self._best)
-            np.multiply(pred[:, 4], self._best, out=self._score)
+            with np.errstate(invalid="ignore"):  # inf x 0 -> NaN, counted below
+                np.multiply(pred[:, 4], self._best, out=self._score)
             idx, invalid = select_scores(self._score, params.score_threshold)
             cand = pred[idx]
             class_ids = np.argmax(cand[:, 5:], axis=1)
