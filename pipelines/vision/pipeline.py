@@ -1,0 +1,643 @@
+"""The vision pipeline: sources -> preprocess -> inference -> postprocess -> sink, one thread each.
+
+::
+
+    capture (1 thread per source) --FrameHub (policy)--> preprocess --q--> inference --q-->
+        postprocess --q--> sink (ResultSink.publish)
+
+- **capture**: each source's own thread (``pipelines.vision.sources``) stamps frames with wall
+  and monotonic time and offers them to the ``FrameHub``: ``latest`` keeps only the newest frame
+  per source (stale ones dropped and counted), ``all`` queues a bounded number and blocks the
+  source when full (back-pressure).
+- **preprocess**: takes up to a batch of frames (round-robin across sources, waiting at most
+  ``batch_max_wait_ms`` for a batch to fill) and writes them straight into the engine's input
+  buffer with the model's ``Preprocessor``.
+- **inference**: ``engine.submit`` then ``engine.collect``; outputs are copied into a small pool
+  of preallocated buffers so the engine can run the next batch while this one is decoded.
+- **postprocess**: the model's decoder (score threshold, class allow-list, boxes back to source
+  pixels, class-aware NMS, max detections).
+- **sink**: builds the schema-versioned result message (``pipelines.vision.results``) per frame
+  and hands it to the ``ResultSink`` on ``vision/<name>/detections``.
+
+Every worker pins itself to its stage's CPU set first, registers with the heartbeat registry,
+beats every loop and blocks only with timeouts. Queues between stages are bounded, so a slow
+stage throttles the ones before it (under ``latest`` the hub then drops stale frames). Per-stage
+latency histograms, frame rates and drop counters are in ``status()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from engines.affinity import format_cpulist, pin_current_thread
+from engines.base import TensorEngine, Ticket
+from engines.errors import EngineError
+from pipelines.base import PipelineContext
+from pipelines.config import VisionPipelineConfig
+from pipelines.errors import PipelineConfigError, PipelineError, PipelineStateError
+from pipelines.vision.decoders.base import DecodeParams, Decoder
+from pipelines.vision.detections import Detections
+from pipelines.vision.metrics import Counters, LatencyHistogram, RateMeter
+from pipelines.vision.preprocess import FrameMeta, Preprocessor
+from pipelines.vision.results import (
+    build_result,
+    detections_topic,
+    encode_snapshot,
+    frame_fingerprint,
+)
+from pipelines.vision.sources import CaptureLink, Frame, FrameHub, FrameSource
+
+__all__ = ["VisionPipeline"]
+
+_log = logging.getLogger(__name__)
+
+_POLL_S = 0.25
+"""Longest a worker blocks before it checks for stop and beats again."""
+
+State = Literal["created", "running", "finished", "stopping", "stopped", "failed"]
+LATENCY_STAGES = ("wait", "preprocess", "inference", "postprocess", "sink", "end_to_end")
+
+
+@dataclass
+class _Batch:
+    """Frames travelling together through one engine call."""
+
+    frames: list[Frame]
+    metas: list[FrameMeta] = field(default_factory=list)
+    pre_start: float = 0.0
+    pre_s: float = 0.0
+    infer_s: float = 0.0
+    post_s: float = 0.0
+    ticket: Ticket | None = None
+    submitted: float = 0.0
+    outputs: dict[str, npt.NDArray[Any]] | None = None
+    pool_entry: dict[str, npt.NDArray[Any]] | None = None
+    detections: list[Detections] = field(default_factory=list)
+
+
+class _OutputPool:
+    """Preallocated copies of the engine outputs, recycled between inference and postprocess."""
+
+    def __init__(self, size: int) -> None:
+        self._free: queue.Queue[dict[str, npt.NDArray[Any]]] = queue.Queue()
+        for _ in range(size):
+            self._free.put({})
+
+    def acquire(self, timeout_s: float) -> dict[str, npt.NDArray[Any]] | None:
+        try:
+            return self._free.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    @staticmethod
+    def fill(
+        entry: dict[str, npt.NDArray[Any]], outputs: dict[str, npt.NDArray[Any]]
+    ) -> dict[str, npt.NDArray[Any]]:
+        for name, array in outputs.items():
+            held = entry.get(name)
+            if held is None or held.shape != array.shape or held.dtype != array.dtype:
+                held = np.empty_like(array)  # first use, or the engine's shape changed
+                entry[name] = held
+            np.copyto(held, array)
+        return entry
+
+    def release(self, entry: dict[str, npt.NDArray[Any]]) -> None:
+        self._free.put(entry)
+
+
+class VisionPipeline:
+    """A running detection pipeline (implements ``pipelines.base.Pipeline``)."""
+
+    def __init__(
+        self,
+        config: VisionPipelineConfig,
+        ctx: PipelineContext,
+        *,
+        engine: TensorEngine,
+        decoder: Decoder,
+        preprocessor: Preprocessor,
+        sources: Sequence[FrameSource],
+        labels: Sequence[str],
+        batch_size: int,
+        dynamic_batch: bool,
+        close_engine: bool = True,
+    ) -> None:
+        self.config = config
+        self._ctx = ctx
+        self._engine = engine
+        self._decoder = decoder
+        self._pre = preprocessor
+        self._sources = list(sources)
+        self._labels = tuple(labels)
+        self._batch = batch_size
+        self._dynamic = dynamic_batch
+        self._close_engine = close_engine
+        self._tensor = preprocessor.spec.tensor
+        self._params = DecodeParams(
+            score_threshold=config.score_threshold,
+            nms_iou=config.nms_iou,
+            max_detections=config.max_detections,
+            class_allowlist=_allowlist(config.classes, self._labels),
+        )
+        self._topic = detections_topic(config.name)
+        self._hub = FrameHub(
+            [s.name for s in self._sources], config.policy, config.source_queue_size
+        )
+        qsize = config.stage_queue_size
+        self._to_infer: queue.Queue[_Batch | None] = queue.Queue(qsize)
+        self._to_post: queue.Queue[_Batch | None] = queue.Queue(qsize)
+        self._to_sink: queue.Queue[_Batch | None] = queue.Queue(qsize)
+        self._pool = _OutputPool(qsize + 2)
+        # engine calls submitted and not yet collected: at most one per engine slot, so the
+        # preprocess stage always writes into a free slot's input buffer
+        self._slots = _engine_slots(engine)
+        self._slot_free = threading.Semaphore(self._slots)
+        self._collect_timeout = max(1.0, 0.8 * config.heartbeat_interval_s)
+        self._stop = threading.Event()
+        self._capture_stop = threading.Event()  # set by stop(), or when a bounded run is done
+        self._external: threading.Event | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._state: State = "created"
+        self._error: str | None = None
+        self._threads: list[threading.Thread] = []
+        self._workers: list[str] = []
+        self._snapshot_for: set[str | None] = set()
+        self._latency = {k: LatencyHistogram() for k in LATENCY_STAGES}
+        self._cpu = {k: LatencyHistogram() for k in ("preprocess", "postprocess")}
+        self._fps_out = RateMeter()
+        self._counters = Counters(
+            (
+                "frames_in",
+                "frames_processed",
+                "results_published",
+                "batches",
+                "preprocess_errors",
+                "inference_errors",
+                "postprocess_errors",
+                "sink_errors",
+            )
+        )
+        self._started_at: float | None = None
+
+    # -- Pipeline protocol -----------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def finished(self) -> threading.Event:
+        """Set when a bounded run (``max_frames`` or ended files) has published everything."""
+        return self._done
+
+    def start(self, stop_event: threading.Event) -> None:
+        """Check the sources, then start every worker thread.
+
+        A file source that is missing or undecodable raises ``SourceOpenError`` here; a live
+        source that cannot open yet is retried by its thread (see ``status()``).
+        """
+        with self._lock:
+            if self._state != "created":
+                raise PipelineStateError(
+                    f"pipeline {self.name} cannot start: it is {self._state} (build a new one)"
+                )
+            for source in self._sources:
+                source.check()
+            self._external = stop_event
+            self._state = "running"
+            self._started_at = time.monotonic()
+        cfg = self.config
+        interval = cfg.heartbeat_interval_s
+        for slot, source in enumerate(self._sources):
+            worker = f"{self.name}/capture/{source.name}"
+            self._register(worker, interval)
+            link = CaptureLink(self._hub, slot, self._capture_stop, self._ctx.heartbeats, worker)
+            source.start(link, self._pinner(cfg.stages.capture, worker))
+        self._spawn("preprocess", cfg.stages.preprocess, self._preprocess_loop)
+        self._spawn("inference", cfg.stages.inference, self._inference_loop)
+        self._spawn("postprocess", cfg.stages.postprocess, self._postprocess_loop)
+        self._spawn("sink", cfg.stages.sink, self._sink_loop)
+
+    def stop(self, timeout_s: float) -> bool:
+        """Stop every worker and join them; True if all ended within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            if self._state in ("running", "finished"):
+                self._state = "stopping"
+        self._stop.set()
+        self._capture_stop.set()
+        self._hub.close()
+        joined = True
+        for source in self._sources:
+            joined &= source.join(deadline - time.monotonic())
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            joined &= not thread.is_alive()
+        for worker in self._workers:
+            self._ctx.heartbeats.unregister(worker)
+        with self._lock:
+            if self._state in ("created", "stopping"):
+                self._state = "stopped"
+        if joined and self._close_engine:
+            self._engine.close()
+        elif not joined:
+            _log.error(
+                "pipeline %s: workers still running after %.1f s; the engine is left open",
+                self.name,
+                timeout_s,
+            )
+        return joined
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            state, error = self._state, self._error
+        sources = []
+        stale_total = 0
+        for slot, source in enumerate(self._sources):
+            entry = source.status()
+            entry["stale"] = self._hub.stale(slot)
+            stale_total += entry["stale"]
+            sources.append(entry)
+        counters = self._counters.snapshot()
+        uptime = 0.0 if self._started_at is None else time.monotonic() - self._started_at
+        return {
+            "name": self.name,
+            "type": "vision",
+            "state": state,
+            "error": error,
+            "uptime_s": round(uptime, 3),
+            "model": self.config.model,
+            "decoder": self._decoder.name,
+            "policy": self.config.policy,
+            "batch_size": self._batch,
+            "dynamic_batch": self._dynamic,
+            "engine_slots": self._slots,
+            "topic": self._topic,
+            "engine": self._engine.status(),
+            "sources": sources,
+            "frames": {
+                "in": sum(s["frames_delivered"] for s in sources),
+                "processed": counters["frames_processed"],
+                "published": counters["results_published"],
+                "batches": counters["batches"],
+            },
+            "fps": {
+                "in": round(sum(s["fps"] for s in sources), 2),
+                "out": round(self._fps_out.rate(), 2),
+                "out_average": round(self._fps_out.average(), 2),
+            },
+            "drops": {
+                "stale": stale_total,
+                "zero_size": sum(s["zero_size"] for s in sources),
+                "rate_limited": sum(s["rate_limited"] for s in sources),
+                "preprocess_errors": counters["preprocess_errors"],
+                "inference_errors": counters["inference_errors"],
+                "postprocess_errors": counters["postprocess_errors"],
+                "sink_errors": counters["sink_errors"],
+            },
+            "reconnects": sum(s["reconnects"] for s in sources),
+            "latency_ms": {k: h.summary_ms() for k, h in self._latency.items()},
+            "cpu_ms": {k: h.summary_ms() for k, h in self._cpu.items()},
+            "queues": {
+                "frames": self._hub.depth(),
+                "to_inference": self._to_infer.qsize(),
+                "to_postprocess": self._to_post.qsize(),
+                "to_sink": self._to_sink.qsize(),
+            },
+        }
+
+    # -- commands --------------------------------------------------------------------------
+
+    def request_snapshot(self, source: str | None = None) -> None:
+        """Attach a base64 JPEG of the next processed frame (of ``source``, or of any source)
+        to its result message."""
+        names = {s.name for s in self._sources}
+        if source is not None and source not in names:
+            raise PipelineError(
+                f"pipeline {self.name} has no source {source!r} "
+                f"(sources: {', '.join(sorted(names))})"
+            )
+        with self._lock:
+            self._snapshot_for.add(source)
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def _register(self, worker: str, interval: float) -> None:
+        self._ctx.heartbeats.register(worker, interval, critical=True)
+        self._workers.append(worker)
+
+    def _pinner(self, stage: str, worker: str) -> Callable[[], None]:
+        cpus = self._ctx.cpus_for(stage)
+
+        def pin() -> None:
+            if cpus:
+                pin_current_thread(cpus)
+                _log.debug("%s pinned to CPUs %s", worker, format_cpulist(cpus))
+
+        return pin
+
+    def _spawn(self, role: str, stage: str, body: Callable[[str], None]) -> None:
+        worker = f"{self.name}/{role}"
+        self._register(worker, self.config.heartbeat_interval_s)
+        pin = self._pinner(stage, worker)
+
+        def run() -> None:
+            try:
+                pin()
+                body(worker)
+            except Exception as exc:  # noqa: BLE001 - thread top level: fail the pipeline, not the agent
+                _log.exception("pipeline %s: %s worker failed", self.name, role)
+                self._fail(f"{role}: {type(exc).__name__}: {exc}")
+
+        thread = threading.Thread(target=run, name=worker, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _fail(self, error: str) -> None:
+        with self._lock:
+            self._state = "failed"
+            self._error = error
+        self._stop.set()
+        self._capture_stop.set()
+        self._hub.close()
+
+    def _halted(self) -> bool:
+        if self._external is not None and self._external.is_set() and not self._stop.is_set():
+            self._stop.set()
+            self._capture_stop.set()
+            self._hub.close()
+        return self._stop.is_set()
+
+    def _beat(self, worker: str) -> None:
+        self._ctx.heartbeats.beat(worker)
+
+    def _put(self, q: queue.Queue[_Batch | None], item: _Batch | None, worker: str) -> bool:
+        while not self._halted():
+            self._beat(worker)
+            try:
+                q.put(item, timeout=_POLL_S)
+            except queue.Full:
+                continue
+            return True
+        return False
+
+    def _get(self, q: queue.Queue[_Batch | None], worker: str) -> tuple[bool, _Batch | None]:
+        """(True, item) when an item (or the end marker ``None``) arrived; (False, None) on stop."""
+        while not self._halted():
+            self._beat(worker)
+            try:
+                return True, q.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+        return False, None
+
+    def _sources_done(self) -> bool:
+        return all(s.finished for s in self._sources) and self._hub.depth() == 0
+
+    def _preprocess_loop(self, worker: str) -> None:
+        cfg = self.config
+        remaining = cfg.max_frames
+        wait_s = cfg.batch_max_wait_ms / 1e3
+        while not self._halted():
+            self._beat(worker)
+            if remaining is not None and remaining <= 0:
+                break
+            want = self._batch if remaining is None else min(self._batch, remaining)
+            frames = self._hub.take(want, timeout_s=_POLL_S, max_wait_s=wait_s)
+            if not frames:
+                if self._sources_done():
+                    break
+                continue
+            self._counters.add("frames_in", len(frames))
+            if not self._acquire_slot(worker):
+                return
+            batch = self._prepare(frames)
+            if batch is None or not self._submit(batch):
+                self._slot_free.release()
+                continue
+            if remaining is not None:
+                remaining -= len(batch.frames)
+            if not self._put(self._to_infer, batch, worker):
+                return
+        # bounded run ended (max_frames or every file finished): let the captures go, drain
+        if not self._halted():
+            self._stop_captures()
+            self._put(self._to_infer, None, worker)
+
+    def _stop_captures(self) -> None:
+        """Stop the capture threads (the downstream workers keep draining)."""
+        self._capture_stop.set()
+        self._hub.close()
+
+    def _acquire_slot(self, worker: str) -> bool:
+        """Wait until fewer than ``slots`` engine calls are outstanding."""
+        while not self._halted():
+            self._beat(worker)
+            if self._slot_free.acquire(timeout=_POLL_S):
+                return True
+        return False
+
+    def _prepare(self, frames: list[Frame]) -> _Batch | None:
+        """Write ``frames`` into the engine's next input buffer (batch slots 0..n-1)."""
+        start = time.monotonic()
+        cpu0 = time.thread_time()
+        buffer = self._engine.input_buffer(self._tensor, self._pre.input_shape)
+        batch = _Batch(frames=[], pre_start=start)
+        for frame in frames:
+            try:
+                meta = self._pre.prepare(frame.image, buffer, len(batch.metas))
+            except PipelineError as exc:
+                self._counters.add("preprocess_errors")
+                _log.warning(
+                    "pipeline %s: frame %d of %s skipped: %s",
+                    self.name,
+                    frame.index,
+                    frame.source,
+                    exc,
+                )
+                continue
+            batch.frames.append(frame)
+            batch.metas.append(meta)
+        if not batch.frames:
+            return None
+        names = self._decoder.extra_input_names()
+        if names:
+            out = {name: self._engine.input_buffer(name, (self._batch, 2)) for name in names}
+            self._decoder.extra_inputs(batch.metas, out)
+        batch.pre_s = time.monotonic() - start
+        self._cpu["preprocess"].record((time.thread_time() - cpu0) / len(batch.frames))
+        return batch
+
+    def _submit(self, batch: _Batch) -> bool:
+        try:
+            batch.ticket = self._engine.submit()
+        except EngineError as exc:
+            self._counters.add("inference_errors")
+            _log.error("pipeline %s: engine refused a batch, dropped: %s", self.name, exc)
+            return False
+        batch.submitted = time.monotonic()
+        return True
+
+    def _inference_loop(self, worker: str) -> None:
+        engine_free_at = 0.0
+        while True:
+            got, batch = self._get(self._to_infer, worker)
+            if not got:
+                return
+            if batch is None:
+                self._put(self._to_post, None, worker)
+                return
+            entry = None
+            while entry is None and not self._halted():
+                self._beat(worker)
+                entry = self._pool.acquire(_POLL_S)
+            if entry is None or batch.ticket is None:
+                return
+            self._beat(worker)
+            try:
+                outputs = self._engine.collect(batch.ticket, timeout_s=self._collect_timeout)
+                batch.outputs = self._pool.fill(entry, outputs)
+            except EngineError as exc:
+                self._pool.release(entry)
+                self._counters.add("inference_errors")
+                _log.error("pipeline %s: inference failed, batch dropped: %s", self.name, exc)
+                continue
+            finally:
+                self._slot_free.release()
+            done = time.monotonic()
+            # the engine runs one call at a time, in order: this one started when it was
+            # submitted or when the previous one finished, whichever came later
+            batch.infer_s = done - max(batch.submitted, engine_free_at)
+            engine_free_at = done
+            batch.pool_entry = entry
+            self._counters.add("batches")
+            if not self._put(self._to_post, batch, worker):
+                return
+
+    def _postprocess_loop(self, worker: str) -> None:
+        while True:
+            got, batch = self._get(self._to_post, worker)
+            if not got:
+                return
+            if batch is None:
+                self._put(self._to_sink, None, worker)
+                return
+            start = time.monotonic()
+            cpu0 = time.thread_time()
+            try:
+                if batch.outputs is None:  # pragma: no cover - set by the inference stage
+                    continue
+                batch.detections = self._decoder.decode(batch.outputs, batch.metas, self._params)
+            except PipelineError as exc:
+                self._counters.add("postprocess_errors")
+                _log.error("pipeline %s: decoding failed, batch dropped: %s", self.name, exc)
+                continue
+            finally:
+                if batch.pool_entry is not None:
+                    self._pool.release(batch.pool_entry)
+                batch.outputs = batch.pool_entry = None
+            batch.post_s = time.monotonic() - start
+            self._cpu["postprocess"].record((time.thread_time() - cpu0) / len(batch.frames))
+            if not self._put(self._to_sink, batch, worker):
+                return
+
+    def _sink_loop(self, worker: str) -> None:
+        while True:
+            got, batch = self._get(self._to_sink, worker)
+            if not got:
+                return
+            if batch is None:
+                with self._lock:
+                    if self._state == "running":
+                        self._state = "finished"
+                self._done.set()
+                return
+            self._publish(batch)
+
+    def _publish(self, batch: _Batch) -> None:
+        cfg = self.config
+        for frame, dets in zip(batch.frames, batch.detections, strict=True):
+            snapshot = self._take_snapshot(frame)
+            now = time.monotonic()
+            latency = {
+                "wait": max(0.0, batch.pre_start - frame.monotonic),
+                "preprocess": batch.pre_s,
+                "inference": batch.infer_s,
+                "postprocess": batch.post_s,
+                "end_to_end": now - frame.monotonic,
+            }
+            message = build_result(
+                pipeline=self.name,
+                source=frame.source,
+                frame_index=frame.index,
+                wall_time=frame.wall_time,
+                monotonic=frame.monotonic,
+                detections=dets,
+                labels=self._labels,
+                latency_s=latency,
+                fingerprint=frame_fingerprint(frame.image) if cfg.fingerprint else None,
+                snapshot=snapshot,
+            )
+            self._counters.add("frames_processed")
+            for key, value in latency.items():
+                self._latency[key].record(value)
+            sent = time.monotonic()
+            try:
+                self._ctx.sink.publish(self._topic, message)
+            except Exception as exc:  # noqa: BLE001 - a failing sink must not kill the pipeline
+                self._counters.add("sink_errors")
+                _log.error("pipeline %s: sink refused a result: %s", self.name, exc)
+                continue
+            self._latency["sink"].record(time.monotonic() - sent)
+            self._counters.add("results_published")
+            self._fps_out.mark()
+
+    def _take_snapshot(self, frame: Frame) -> dict[str, Any] | None:
+        with self._lock:
+            if not self._snapshot_for:
+                return None
+            if frame.source in self._snapshot_for:
+                self._snapshot_for.discard(frame.source)
+            elif None in self._snapshot_for:
+                self._snapshot_for.discard(None)
+            else:
+                return None
+        return encode_snapshot(frame.image, self.config.snapshot_quality)
+
+
+def _engine_slots(engine: TensorEngine) -> int:
+    """In-flight calls the engine takes (its ``slots`` in status; 1 if it does not say)."""
+    slots = engine.status().get("slots", 1)
+    return slots if isinstance(slots, int) and slots >= 1 else 1
+
+
+def _allowlist(classes: Sequence[str | int] | None, labels: Sequence[str]) -> frozenset[int] | None:
+    if classes is None:
+        return None
+    ids: set[int] = set()
+    index = {label: i for i, label in enumerate(labels)}
+    for item in classes:
+        if isinstance(item, int):
+            if labels and not 0 <= item < len(labels):
+                raise PipelineConfigError(
+                    f"class id {item} in `classes` is outside the model's {len(labels)} classes"
+                )
+            ids.add(item)
+        elif item in index:
+            ids.add(index[item])
+        else:
+            raise PipelineConfigError(
+                f"class {item!r} in `classes` is not a label of this model "
+                f"(e.g. {', '.join(list(labels)[:5])})"
+            )
+    return frozenset(ids)
