@@ -129,6 +129,7 @@ class DeviceInfo:
     engines: tuple[EngineInfo, ...]
     gpus: tuple[GpuInfo, ...]
     pinning: dict[str, object]
+    pinning_source: str = "default config"
 
     def to_dict(self) -> dict[str, object]:
         """JSON-serialisable form: CPU sets as cpulist strings (``"0-3,6"``), paths as text."""
@@ -363,12 +364,14 @@ def collect_info(
     root: Path = Path("/"),
     *,
     pinning: PinningConfig | None = None,
+    pinning_source: str = "default config",
     nvidia_smi: str = "nvidia-smi",
 ) -> DeviceInfo:
     """Gather :class:`DeviceInfo`; files under ``root``, process properties live.
 
-    ``pinning`` is the config whose plan is shown (default: the embedded default config); a
-    config that cannot be applied here is shown as ``{"error": ...}``, not raised.
+    ``pinning`` is the config whose plan is shown (default: the embedded default config, else
+    say where it came from in ``pinning_source``); a config that cannot be applied here is shown
+    as ``{"error": ...}``, not raised. ``nvidia_smi`` names the nvidia-smi command.
     """
     board = read_board(root)
     nodes = read_nodes(root)
@@ -395,4 +398,5 @@ def collect_info(
         engines=probe_engines(),
         gpus=gpus,
         pinning=plan,
+        pinning_source=pinning_source,
     )

@@ -271,7 +271,7 @@ def _plan_numa(
     if cfg.numa_policy == "none":
         if requested:
             msg = (
-                f"pinning.numa_nodes = {format_cpulist(requested)} has no effect while "
+                f"pinning.numa_nodes: nodes {format_cpulist(requested)} have no effect while "
                 'pinning.numa_policy = "none"; set a policy (bind, preferred, interleave) '
                 "or remove numa_nodes"
             )
@@ -293,7 +293,7 @@ def _plan_numa(
         raise PinningError(msg)
     if cfg.numa_policy == "preferred" and len(chosen) != 1:
         msg = (
-            f'pinning.numa_policy = "preferred" takes exactly one node, got '
+            f'pinning.numa_policy: "preferred" takes exactly one node, got '
             f"{format_cpulist(chosen)}; set pinning.numa_nodes = [N]"
         )
         raise PinningError(msg)
@@ -396,7 +396,7 @@ def _set_nice(nice: int, warnings: list[str]) -> None:
             "RLIMIT_NICE, e.g. systemd Nice= or LimitNICE=)"
         )
     except OSError as exc:
-        msg = f"pinning.nice = {nice}: setpriority failed: {exc.strerror or exc}"
+        msg = f"pinning.nice: setpriority({nice}) failed: {exc.strerror or exc}"
         raise PinningError(msg) from exc
 
 
@@ -410,7 +410,7 @@ def _set_fifo(priority: int, warnings: list[str]) -> None:
             "CAP_SYS_NICE or RLIMIT_RTPRIO, e.g. systemd LimitRTPRIO=)"
         )
     except OSError as exc:
-        msg = f"pinning.sched_fifo_priority = {priority}: {exc.strerror or exc}"
+        msg = f"pinning.sched_fifo_priority: SCHED_FIFO {priority} failed: {exc.strerror or exc}"
         raise PinningError(msg) from exc
 
 

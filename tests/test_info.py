@@ -285,3 +285,31 @@ def test_nvidia_smi_output_contract(tmp_path: Path) -> None:
         ("nvidia", "NVIDIA RTX A2000 12GB", "550.54.14", 12282),
         ("nvidia", "NVIDIA L4", "550.54.14", 23034),
     ]
+
+
+def test_info_config_shows_that_configs_pinning_plan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    last = max(os.sched_getaffinity(0))
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[pinning]\nprocess = "auto"\n\n[pinning.stages]\ninference = [{last}]\n',
+        encoding="utf-8",
+    )
+    assert main(["info", "--json", "--config", str(config)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["pinning_source"] == str(config)
+    assert data["pinning"]["stage_cpus"]["inference"] == str(last)
+    assert data["pinning"]["process_cpus"] == data["cpus"]["allowed"]
+
+
+def test_info_config_with_cpus_outside_the_allowed_set_shows_the_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    beyond = max(os.sched_getaffinity(0)) + 1
+    config = tmp_path / "agent.toml"
+    config.write_text(f"[pinning]\nprocess = [{beyond}]\n", encoding="utf-8")
+    assert main(["info", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"pinning ({config})" in out
+    assert f"pinning.process: CPUs {beyond} are outside the allowed set" in out

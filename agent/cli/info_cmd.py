@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from agent.configfile import load_config
 from agent.info import DeviceInfo, collect_info
 from engines.affinity import format_cpulist
 
@@ -16,6 +17,8 @@ Examples:
   edge-agent info                 human-readable summary
   edge-agent info --json | jq .engines
                                   machine-readable (CPU sets as "0-3,6" strings)
+  edge-agent info --config /etc/edge-agent/agent.toml
+                                  the pinning plan of that config on this machine
   edge-agent info --root /mnt/sdcard
                                   board/CPU/memory files of a mounted image
 """
@@ -28,7 +31,7 @@ def register(sub: Any) -> None:
         description="Show what this device is and what it can run: board (Jetson model and L4T "
         "release, Raspberry Pi model, else generic), CPUs (allowed set, online, cgroup cpuset), "
         "NUMA nodes, memory, GPU, inference engines (ONNX Runtime providers, TensorRT/pycuda, "
-        "llama.cpp) and the CPU pinning the default config would apply.",
+        "llama.cpp) and the CPU pinning the default config (or --config) would apply.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -40,6 +43,13 @@ def register(sub: Any) -> None:
         metavar="PATH",
         help="read /proc, /sys, /etc and /dev files under PATH (default: /)",
     )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="show the pinning plan of this agent config instead of the default one",
+    )
     p.set_defaults(func=run)
 
 
@@ -47,7 +57,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.root.is_dir():
         print(f"edge-agent info: --root {args.root} is not a folder", file=sys.stderr)
         return 2
-    info = collect_info(args.root)
+    if args.config is None:
+        info = collect_info(args.root)
+    else:
+        config = load_config(args.config)
+        info = collect_info(args.root, pinning=config.pinning, pinning_source=str(args.config))
     if args.json:
         print(json.dumps(info.to_dict(), indent=2))
     else:
@@ -107,7 +121,7 @@ def render(info: DeviceInfo) -> str:
         else:
             text = f"not available ({engine.detail})"
         rows.append((f"  {engine.name}", text))
-    rows.append(("pinning (default config)", ""))
+    rows.append((f"pinning ({info.pinning_source})", ""))
     plan = info.pinning
     if "error" in plan:
         rows.append(("  error", str(plan["error"])))
