@@ -279,6 +279,10 @@ status["readback"] = {
     "early_thread_affinity": sorted(os.sched_getaffinity(early.native_id)),
     "nice": os.getpriority(os.PRIO_PROCESS, 0),
     "early_thread_nice": os.getpriority(os.PRIO_PROCESS, early.native_id),
+    "every_thread_affinity": sorted(
+        {tuple(sorted(os.sched_getaffinity(int(t)))) for t in os.listdir("/proc/self/task")}
+    ),
+    "thread_count": len(os.listdir("/proc/self/task")),
     "scheduler": os.sched_getscheduler(0),
     "priority": os.sched_getparam(0).sched_priority,
     "vmlck_kb": int([l for l in open("/proc/self/status") if l.startswith("VmLck:")][0].split()[1]),
@@ -297,7 +301,9 @@ def test_apply_process_pinning_pins_every_thread_and_sets_nice() -> None:
     assert readback["nice"] == 7
     assert readback["early_thread_nice"] == 7
     assert status["process_cpus"] == str(LAST)
-    assert status["threads_pinned"] == 2
+    assert readback["every_thread_affinity"] == [[LAST]]  # incl. any library threads
+    assert status["threads_pinned"] == readback["thread_count"]
+    assert readback["thread_count"] >= 2
     assert status["nice"] == 7
     assert status["warnings"] == []
     assert status["numa_policy"] == {
