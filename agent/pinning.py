@@ -52,6 +52,7 @@ __all__ = [
     "apply_process_pinning",
     "cgroup_cpus",
     "parse_cpu_spec",
+    "pinning_problems",
     "plan_pinning",
 ]
 
@@ -222,34 +223,62 @@ def plan_pinning(
     """Validate ``cfg`` into a :class:`PinningPlan` without changing anything.
 
     ``allowed`` defaults to :func:`allowed_cpus`, ``nodes`` to the sysfs NUMA nodes and
-    ``mems`` to the cpuset's ``Mems_allowed_list``. Raises ``PinningError`` (one line, naming
-    the ``pinning.*`` key) for anything that cannot be applied on this machine.
+    ``mems`` to the cpuset's ``Mems_allowed_list``. Raises the first ``PinningError`` (one
+    line, naming the ``pinning.*`` key) for anything that cannot be applied on this machine;
+    :func:`pinning_problems` lists all of them.
     """
+    plan, problems = _resolve(cfg, allowed, nodes, mems)
+    if plan is None:
+        raise problems[0]
+    return plan
+
+
+def pinning_problems(
+    cfg: PinningConfig,
+    allowed: frozenset[int] | None = None,
+    *,
+    nodes: tuple[NumaNode, ...] | None = None,
+    mems: frozenset[int] | None = None,
+) -> list[PinningError]:
+    """Every reason ``cfg`` cannot be applied here (for ``config validate``); empty when valid.
+
+    Each message starts with its key (``pinning.stages.llm: ...``).
+    """
+    return _resolve(cfg, allowed, nodes, mems)[1]
+
+
+def _resolve(
+    cfg: PinningConfig,
+    allowed: frozenset[int] | None,
+    nodes: tuple[NumaNode, ...] | None,
+    mems: frozenset[int] | None,
+) -> tuple[PinningPlan | None, list[PinningError]]:
     if allowed is None:
         allowed = allowed_cpus()
-    process = parse_cpu_spec(cfg.process, allowed, key="pinning.process")
+    problems: list[PinningError] = []
+    try:
+        process = parse_cpu_spec(cfg.process, allowed, key="pinning.process")
+    except PinningError as exc:
+        problems.append(exc)
+        process = allowed  # keep checking the stages against what is allowed
     stages: dict[str, frozenset[int]] = {}
     for stage in STAGES:
         spec: CpuSpec | None = getattr(cfg.stages, stage)
-        key = f"pinning.stages.{stage}"
-        if spec is None or (isinstance(spec, str) and spec.strip() == _AUTO):
-            stages[stage] = process
-            continue
-        cpus = parse_cpu_spec(spec, allowed, key=key)
-        outside = cpus - process
-        if outside:
-            msg = (
-                f"{key}: CPUs {format_cpulist(outside)} are outside the process set "
-                f"pinning.process = {format_cpulist(process)}; a stage can only narrow it"
-            )
-            raise PinningError(msg)
-        stages[stage] = cpus
+        try:
+            stages[stage] = _stage_cpus(spec, allowed, process, key=f"pinning.stages.{stage}")
+        except PinningError as exc:
+            problems.append(exc)
     if nodes is None:
         nodes = read_nodes()
     if mems is None:
         mems = mems_allowed()
-    numa_nodes = _plan_numa(cfg, process, nodes, mems)
-    return PinningPlan(
+    try:
+        numa_nodes = _plan_numa(cfg, process, nodes, mems)
+    except PinningError as exc:
+        problems.append(exc)
+    if problems:
+        return None, problems
+    plan = PinningPlan(
         allowed_cpus=allowed,
         process_cpus=process,
         stage_cpus=MappingProxyType(stages),
@@ -259,6 +288,23 @@ def plan_pinning(
         sched_fifo_priority=cfg.sched_fifo_priority,
         mlockall=cfg.mlockall,
     )
+    return plan, []
+
+
+def _stage_cpus(
+    spec: CpuSpec | None, allowed: frozenset[int], process: frozenset[int], *, key: str
+) -> frozenset[int]:
+    if spec is None or (isinstance(spec, str) and spec.strip() == _AUTO):
+        return process
+    cpus = parse_cpu_spec(spec, allowed, key=key)
+    outside = cpus - process
+    if outside:
+        msg = (
+            f"{key}: CPUs {format_cpulist(outside)} are outside the process set "
+            f"pinning.process = {format_cpulist(process)}; a stage can only narrow it"
+        )
+        raise PinningError(msg)
+    return cpus
 
 
 def _plan_numa(

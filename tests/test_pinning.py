@@ -27,6 +27,7 @@ from agent.pinning import (
     allowed_cpus,
     cgroup_cpus,
     parse_cpu_spec,
+    pinning_problems,
     plan_pinning,
 )
 from engines.affinity import (
@@ -204,6 +205,25 @@ def test_plan_numa_node_outside_cpuset_mems_is_an_error() -> None:
     cfg = PinningConfig.model_validate({"numa_policy": "bind", "numa_nodes": [1]})
     with pytest.raises(PinningError, match="nodes 1 are not usable; this process may allocate fr"):
         plan_pinning(cfg, frozenset({0, 1}), nodes=nodes, mems=frozenset({0}))
+
+
+def test_pinning_problems_lists_every_problem_with_its_key() -> None:
+    nodes = (NumaNode(0, frozenset({0, 1}), 1),)
+    cfg = PinningConfig.model_validate(
+        {
+            "process": "0-5",
+            "stages": {"capture": [0], "llm": "7", "inference": "auto"},
+            "numa_policy": "bind",
+            "numa_nodes": [2],
+        }
+    )
+    problems = pinning_problems(cfg, frozenset({0, 1}), nodes=nodes, mems=frozenset({0}))
+    assert [str(p).split(":")[0] for p in problems] == [
+        "pinning.process",
+        "pinning.stages.llm",
+        "pinning.numa_nodes",
+    ]
+    assert pinning_problems(PinningConfig()) == []
 
 
 def test_plan_numa_nodes_without_policy_is_an_error() -> None:
