@@ -139,8 +139,10 @@ class ModelStore:
     """Manifests, the model search path and the store folder (see the module docstring).
 
     ``env`` defaults to ``os.environ`` read once here; pass a mapping to decide it explicitly.
-    Safe to use from several threads; two processes pulling the same file are kept apart by a
-    lock file.
+    Safe to use from several threads: threads pulling the same file wait for each other (the
+    second finds it in place); a second *process* pulling it fails at once with DownloadError
+    (an ``flock`` on ``<store>/.partial/<file>.lock``, released by the kernel if the holder
+    dies).
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class ModelStore:
         for folder in self._manifest_dirs:
             self._load_dir(folder)
         self._verified: dict[str, dict[str, int | str]] | None = None
+        self._pull_locks: dict[str, threading.Lock] = {}
 
     # ----------------------------------------------------------------------------- manifests
 
@@ -425,11 +428,21 @@ class ModelStore:
         return FileState("verified" if verified else "present", path)
 
     def resolve(self, name: str, *, progress: ProgressFn | None = None) -> Path:
-        """The checked local file of ``name``; pulled first if missing and downloads allowed."""
+        """The checked local file of ``name``; pulled first if missing and downloads allowed.
+
+        A wrong file in a search folder is an error to fix (it is someone's file); a wrong or
+        damaged copy in the store folder is fetched again when downloads are allowed.
+        """
         manifest = self.manifest(name)
         path = self.locate(name)
         if path is not None:
-            self.check(name, path, progress=progress)
+            try:
+                self.check(name, path, progress=progress)
+            except (ChecksumMismatchError, ModelFileError) as exc:
+                if not (self._in_store(path) and self._config.allow_download):
+                    raise
+                _log.warning("%s; fetching it again", exc)
+                return self.pull(name, progress=progress)
             return path
         if not self._config.allow_download:
             raise ModelNotFoundError(
@@ -452,6 +465,13 @@ class ModelStore:
         ``<store>/.partial/`` and moved into place atomically.
         """
         manifest = self.manifest(name)
+        with self._lock:
+            file_lock = self._pull_locks.setdefault(manifest.file, threading.Lock())
+        with file_lock:  # threads of this process wait for each other; processes: flock below
+            return self._pull_locked(manifest, progress)
+
+    def _pull_locked(self, manifest: ModelManifest, progress: ProgressFn | None) -> Path:
+        name = manifest.name
         final = self.store_dir / manifest.file
         if os.path.lexists(final):
             try:

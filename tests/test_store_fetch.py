@@ -41,6 +41,7 @@ class Server(ThreadingHTTPServer):
         self.delay_s = 0.0  # pause between chunks: a slow server
         self.chunk = 64 * 1024
         self.requests: list[tuple[str, str | None]] = []
+        self.redirects: dict[str, str] = {}
         self.stop = threading.Event()
 
     @property
@@ -57,6 +58,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         srv = self.server
         srv.requests.append((self.path, self.headers.get("Range")))
+        if self.path in srv.redirects:
+            self.send_response(302)
+            self.send_header("Location", srv.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path not in srv.files:
             self.send_error(404)
             return
@@ -176,6 +183,61 @@ def test_resume_after_partial_asks_only_for_the_rest(
     assert server.requests == [("/files/yolox.onnx", "bytes=1000000-")]
     assert final.read_bytes() == yolox
     assert not partial.exists()
+
+
+def test_redirect_is_followed_and_keeps_the_range(
+    tmp_path: Path, server: Server, yolox: bytes
+) -> None:
+    final = _url_model(tmp_path, server, yolox)  # the manifest names /files/yolox.onnx ...
+    server.files["/cdn/yolox.onnx"] = server.files.pop("/files/yolox.onnx")
+    server.redirects["/files/yolox.onnx"] = f"{server.base}/cdn/yolox.onnx"  # ... which moved
+    partial = tmp_path / "store" / ".partial" / "yolox.onnx.part"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(yolox[:200_000])
+    _store(tmp_path, server).pull("m-url")
+    assert server.requests == [
+        ("/files/yolox.onnx", "bytes=200000-"),
+        ("/cdn/yolox.onnx", "bytes=200000-"),
+    ]
+    assert final.read_bytes() == yolox
+
+
+def test_damaged_store_copy_is_fetched_again_by_resolve(
+    tmp_path: Path, server: Server, yolox: bytes
+) -> None:
+    final = _url_model(tmp_path, server, yolox)
+    final.parent.mkdir(parents=True)
+    final.write_bytes(yolox[:-1] + b"!")  # same size, wrong bytes: bit rot in the store
+    assert _store(tmp_path, server).resolve("m-url") == final
+    assert final.read_bytes() == yolox
+    # With downloads off, the same damage is an error that says how to fix it.
+    final.write_bytes(yolox[:-1] + b"!")
+    with pytest.raises(ChecksumMismatchError, match="run `edge-agent models pull m-url`"):
+        _store(tmp_path, server, allow_download=False).resolve("m-url")
+
+
+def test_two_threads_pulling_the_same_model_share_one_download(
+    tmp_path: Path, server: Server, yolox: bytes
+) -> None:
+    final = _url_model(tmp_path, server, yolox)
+    server.chunk = 256 * 1024
+    server.delay_s = 0.01
+    store = _store(tmp_path, server)
+    results: list[Path | BaseException] = []
+
+    def pull() -> None:
+        try:
+            results.append(store.resolve("m-url"))
+        except BaseException as exc:  # noqa: BLE001 - handed to the assertion below
+            results.append(exc)
+
+    threads = [threading.Thread(target=pull) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [final, final]
+    assert server.requests == [("/files/yolox.onnx", None)]
 
 
 def test_server_ignoring_range_restarts_cleanly(
