@@ -39,7 +39,29 @@ class OnnxRuntimeConfig(StrictModel):
         description="Intra-op threads; default: the number of CPUs in the inference stage's "
         "pinned set (never os.cpu_count()).",
     )
-    warmup_runs: int = Field(default=1, ge=0, description="Inference runs at load time.")
+    warmup_runs: int = Field(
+        default=1,
+        ge=0,
+        description="Inference runs at load time (for an input with dynamic dims: when its shape "
+        "is first known).",
+    )
+    slots: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        description="Buffer sets (inputs, outputs, IOBinding) used round-robin by submit/collect: "
+        "one inference runs at a time on a worker thread while the next slot's input buffer is "
+        "filled.",
+    )
+    allow_spinning: bool = Field(
+        default=True,
+        description="Let idle intra-op threads spin briefly for the next op (lower latency, more "
+        "CPU); turn off when the stage shares its CPUs with other work.",
+    )
+    log_severity: Literal["verbose", "info", "warning", "error", "fatal"] = Field(
+        default="error",
+        description="Minimum severity of ONNX Runtime's own log messages.",
+    )
     profile_path: Path | None = Field(
         default=None, description="Write an ONNX Runtime profile (JSON) under this path prefix."
     )
