@@ -5,15 +5,17 @@ and must come back exactly; plus NMS, thresholds, NaN scores and shape mismatche
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from engines.base import TensorSpec
+from engines.config import OnnxRuntimeConfig
 from engines.manifest import InputSpec
+from engines.registry import build_engine
 from pipelines.errors import DecoderMismatchError, PipelineConfigError
 from pipelines.vision.decoders import DECODERS, DecodeParams, build_decoder
 from pipelines.vision.detections import Detections
@@ -359,19 +361,10 @@ def test_detections_helpers() -> None:
 
 
 def _specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def spec(arg: Any) -> TensorSpec:
-        shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
-        dtype = np.dtype(np.int64) if "int64" in arg.type else np.dtype(np.float32)
-        return TensorSpec(arg.name, shape, dtype)
-
-    return (
-        tuple(spec(o) for o in session.get_outputs()),
-        tuple(spec(i) for i in session.get_inputs()),
-    )
+    """What the real engine reports for the model: the specs a pipeline checks at load."""
+    config = OnnxRuntimeConfig(type="onnxruntime", intra_op_threads=1, warmup_runs=0)
+    with build_engine(config, path, cpus=frozenset(os.sched_getaffinity(0))) as engine:
+        return engine.outputs, engine.inputs
 
 
 REAL = {

@@ -40,6 +40,7 @@ __all__ = [
     "check_shape",
     "describe",
     "finish",
+    "objectness_candidates",
     "select_scores",
     "single_output",
     "single_output_spec",
@@ -199,6 +200,30 @@ def select_scores(scores: FloatArray, threshold: float) -> tuple[npt.NDArray[np.
     with np.errstate(invalid="ignore"):
         keep = np.flatnonzero(finite & (scores > threshold))
     return keep, invalid
+
+
+def objectness_candidates(
+    pred: FloatArray, threshold: float
+) -> tuple[npt.NDArray[np.intp], FloatArray, npt.NDArray[np.intp], int]:
+    """Rows ``x, y, w, h, objectness, C class scores`` -> the candidates above ``threshold``.
+
+    Score = objectness x best class score. Class scores are probabilities (<= 1), so only rows
+    whose objectness alone beats the threshold can pass: the class maximum is taken on those
+    few rows instead of the whole output. Returns (rows, scores, class ids, NaN/inf count).
+    """
+    obj = pred[:, 4]
+    finite = np.isfinite(obj)
+    invalid = int(obj.shape[0] - np.count_nonzero(finite))
+    with np.errstate(invalid="ignore"):
+        rows = np.flatnonzero(finite & (obj > threshold))
+    cls = pred[rows, 5:]
+    class_ids = np.argmax(cls, axis=1)
+    with np.errstate(invalid="ignore"):  # inf x 0 -> NaN, counted by select_scores
+        scores = (obj[rows] * np.take_along_axis(cls, class_ids[:, None], axis=1)[:, 0]).astype(
+            np.float32, copy=False
+        )
+    keep, bad = select_scores(scores, threshold)
+    return rows[keep], scores[keep], class_ids[keep], invalid + bad
 
 
 def finish(

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 from typing_extensions import override
 
@@ -24,7 +23,7 @@ from pipelines.vision.decoders.base import (
     check_runtime_shape,
     check_shape,
     finish,
-    select_scores,
+    objectness_candidates,
     single_output,
     single_output_spec,
     xywh_to_xyxy,
@@ -51,7 +50,6 @@ class Yolov5Decoder(BaseDecoder):
             for strides in (STRIDES_P5, STRIDES_P6)
         )
         self._expected = (-1, self._counts[0], 5 + num_classes)
-        self._scratch: dict[int, tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]] = {}
 
     @override
     def check_outputs(
@@ -74,22 +72,15 @@ class Yolov5Decoder(BaseDecoder):
         raw = single_output(self.name, outputs)
         n = raw.shape[1] if raw.ndim == 3 and raw.shape[1] in self._counts else self._counts[0]
         check_runtime_shape(self.name, "output", raw, (-1, n, 5 + self.num_classes), len(metas))
-        if n not in self._scratch:
-            self._scratch[n] = (np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32))
-        best, score = self._scratch[n]
         results = []
         for b, meta in enumerate(metas):
             pred = raw[b]
-            np.max(pred[:, 5:], axis=1, out=best)
-            with np.errstate(invalid="ignore"):  # inf x 0 -> NaN, counted below
-                np.multiply(pred[:, 4], best, out=score)
-            idx, invalid = select_scores(score, params.score_threshold)
-            cand = pred[idx]
+            idx, scores, class_ids, invalid = objectness_candidates(pred, params.score_threshold)
             results.append(
                 finish(
-                    xywh_to_xyxy(cand[:, :4]),
-                    score[idx],
-                    np.argmax(cand[:, 5:], axis=1),
+                    xywh_to_xyxy(pred[idx, :4]),
+                    scores,
+                    class_ids,
                     meta,
                     params,
                     invalid=invalid,

@@ -2,7 +2,8 @@
 
 Per anchor point: raw ``x, y, w, h``, objectness and C class scores (objectness and classes are
 already sigmoided in the exported graph). ``cx = (x + grid_x) * stride``, ``w = exp(w) * stride``;
-score = objectness x best class score (one class per box); then class-aware NMS. Anchor order:
+score = objectness x best class score (one class per box; the class maximum is only taken on
+rows whose objectness alone beats the threshold); then class-aware NMS. Anchor order:
 stride by stride, row-major within a level (x fastest), as YOLOX's own ``decode_outputs``.
 """
 
@@ -24,7 +25,7 @@ from pipelines.vision.decoders.base import (
     check_runtime_shape,
     check_shape,
     finish,
-    select_scores,
+    objectness_candidates,
     single_output,
     single_output_spec,
     xywh_to_xyxy,
@@ -54,8 +55,6 @@ class YoloxDecoder(BaseDecoder):
         self._grid = np.concatenate(grids).astype(np.float32)
         self._stride = np.concatenate(strides).astype(np.float32)
         self._expected = (-1, self.anchors, 5 + num_classes)
-        self._best = np.empty(self.anchors, dtype=np.float32)
-        self._score = np.empty(self.anchors, dtype=np.float32)
 
     @override
     def check_outputs(
@@ -77,13 +76,8 @@ class YoloxDecoder(BaseDecoder):
         results = []
         for b, meta in enumerate(metas):
             pred = raw[b]
-            cls = pred[:, 5:]
-            np.max(cls, axis=1, out=self._best)
-            with np.errstate(invalid="ignore"):  # inf x 0 -> NaN, counted below
-                np.multiply(pred[:, 4], self._best, out=self._score)
-            idx, invalid = select_scores(self._score, params.score_threshold)
+            idx, scores, class_ids, invalid = objectness_candidates(pred, params.score_threshold)
             cand = pred[idx]
-            class_ids = np.argmax(cand[:, 5:], axis=1)
             stride = self._stride[idx, None]
             xywh = np.empty((idx.shape[0], 4), dtype=np.float32)
             with np.errstate(over="ignore", invalid="ignore"):
@@ -92,7 +86,7 @@ class YoloxDecoder(BaseDecoder):
             results.append(
                 finish(
                     xywh_to_xyxy(xywh),
-                    self._score[idx],
+                    scores,
                     class_ids,
                     meta,
                     params,
