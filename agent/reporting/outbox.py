@@ -1,0 +1,565 @@
+"""Durable store-and-forward outbox for QoS 1 messages: SQLite in WAL mode.
+
+Life of a message::
+
+    put()  ->  row in ``outbox`` (committed before anyone may publish it)
+           ->  pending() hands it to the MQTT owner thread, which publishes it
+           ->  ack() on PUBACK success deletes it
+           ->  dead_letter() on a PUBACK reason code that can never succeed moves it to
+               ``dead_letter`` (kept for inspection, never retried)
+
+After a reconnect, and after a restart of the process, ``pending(after_id=0)`` hands every
+remaining row out again in id (= publish) order.
+
+Bounds: ``max_messages`` and ``max_bytes`` (payload bytes). A message of the DROPPABLE class that
+does not fit evicts the oldest droppable messages (counted in ``dropped``); if it still does not
+fit it is itself dropped and counted. A CRITICAL message (command replies, events, LLM results)
+is never dropped: it evicts droppable ones, and if it still does not fit ``put`` raises
+``OutboxFullError`` (counted in ``refused``) so the caller knows loudly.
+
+Durability: every ``put`` is its own committed transaction, done before ``put`` returns.
+``synchronous="normal"`` (default) survives a crash or SIGKILL of the process and never
+corrupts the file; ``"full"`` also keeps the last transactions over a power loss, at the price
+of an fsync per message. The file is opened in exclusive locking mode: one agent per outbox.
+
+Speed: recently stored rows are also kept in memory (``recent_cache`` rows), so the owner thread
+reads fresh messages without a SELECT; the database is read back only to replay after a
+reconnect or a restart.
+
+All methods are thread-safe (one connection, one lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from agent.errors import MessageTooLargeError, OutboxFullError, OutboxStoreError
+from agent.reporting.topics import Priority
+
+__all__ = ["DeadLetter", "Outbox", "OutboxLimits", "OutboxMessage", "OutboxStats"]
+
+_log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic       TEXT    NOT NULL,
+    payload     BLOB    NOT NULL,
+    qos         INTEGER NOT NULL,
+    retain      INTEGER NOT NULL,
+    priority    INTEGER NOT NULL,
+    created_at  REAL    NOT NULL,
+    expires_at  REAL,
+    correlation BLOB,
+    attempts    INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS dead_letter (
+    id          INTEGER PRIMARY KEY,
+    topic       TEXT    NOT NULL,
+    payload     BLOB    NOT NULL,
+    qos         INTEGER NOT NULL,
+    retain      INTEGER NOT NULL,
+    priority    INTEGER NOT NULL,
+    created_at  REAL    NOT NULL,
+    correlation BLOB,
+    attempts    INTEGER NOT NULL,
+    reason_code INTEGER NOT NULL,
+    reason      TEXT    NOT NULL,
+    failed_at   REAL    NOT NULL
+);
+"""
+
+_SELECT = (
+    "SELECT id, topic, payload, qos, retain, priority, created_at, expires_at, correlation, "
+    "attempts FROM outbox "
+)
+
+
+@dataclass(frozen=True)
+class _Item:
+    topic: str
+    payload: bytes
+    priority: Priority
+    qos: int
+    retain: bool
+    expires_at: float | None
+    correlation: bytes | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class OutboxLimits:
+    max_messages: int = 100_000
+    max_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    id: int
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    priority: Priority
+    created_at: float
+    expires_at: float | None
+    correlation: bytes | None
+    attempts: int
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    topic: str
+    payload: bytes
+    reason_code: int
+    reason: str
+    failed_at: float
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    depth: int
+    bytes: int
+    critical: int
+    dropped: int
+    refused: int
+    expired: int
+    dead_letters: int
+
+
+class Outbox:
+    """The durable outbox (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        limits: OutboxLimits | None = None,
+        *,
+        synchronous: Literal["normal", "full"] = "normal",
+        checkpoint_pages: int = 4096,
+        recent_cache: int = 4096,
+        max_staged: int = 10_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.limits = limits or OutboxLimits()
+        self._clock = clock
+        self._lock = threading.Lock()
+        # id -> payload size, one insertion-ordered map per priority class (ids ascend).
+        self._rows: dict[Priority, OrderedDict[int, int]] = {p: OrderedDict() for p in Priority}
+        self._bytes = 0
+        self.dropped = 0
+        self.refused = 0
+        self.expired = 0
+        self._dead = 0
+        self._closed = False
+        self._recent: deque[OutboxMessage] = deque(maxlen=max(recent_cache, 1))
+        self._stage_lock = threading.Lock()
+        self._staged: deque[_Item] = deque()
+        self._staged_dropped = 0
+        self.max_staged = max_staged
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                str(self.path), isolation_level=None, check_same_thread=False, timeout=5.0
+            )
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            (mode,) = self._db.execute("PRAGMA journal_mode=WAL").fetchone()
+            if str(mode).lower() != "wal":
+                raise OutboxStoreError(f"MQTT outbox {self.path}: WAL mode unavailable ({mode})")
+            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._db.execute(f"PRAGMA wal_autocheckpoint={int(checkpoint_pages)}")
+            self._db.executescript(_SCHEMA)
+            self._load_index()
+            (self._dead,) = self._db.execute("SELECT COUNT(*) FROM dead_letter").fetchone()
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            raise OutboxStoreError(
+                f"MQTT outbox {self.path} cannot be opened: {exc} — check that the folder is "
+                "writable and the file is an outbox database (or move it away)"
+            ) from exc
+        if self.depth:
+            _log.info(
+                "outbox %s: %d message(s) from a previous run to replay", self.path, self.depth
+            )
+
+    # --- writing -------------------------------------------------------------------------
+
+    def put(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        priority: Priority,
+        qos: int = 1,
+        retain: bool = False,
+        expires_at: float | None = None,
+        correlation: bytes | None = None,
+    ) -> int | None:
+        """Store one message, committed before returning (staged messages are committed first,
+        in the same transaction, so ids keep publish order); its row id, or None when a
+        droppable message did not fit."""
+        item = self._item(topic, payload, priority, qos, retain, expires_at, correlation)
+        with self._lock:
+            self._check_open()
+            return self._store([item])[-1]
+
+    def stage(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        priority: Priority = Priority.DROPPABLE,
+        qos: int = 1,
+        retain: bool = False,
+        expires_at: float | None = None,
+        correlation: bytes | None = None,
+    ) -> None:
+        """Queue a message for the next group commit (``commit_staged``, done by the MQTT owner
+        thread before it publishes anything): one transaction for many messages. Until then a
+        SIGKILL loses it, so only the droppable class is staged; ``put`` is for the rest."""
+        item = self._item(topic, payload, priority, qos, retain, expires_at, correlation)
+        with self._stage_lock:
+            if self._closed:
+                raise OutboxStoreError(f"MQTT outbox {self.path} is closed")
+            if len(self._staged) >= self.max_staged:
+                self._staged.popleft()
+                self._staged_dropped += 1
+            self._staged.append(item)
+
+    def commit_staged(self) -> int:
+        """Store every staged message in one transaction; how many were stored."""
+        with self._lock:
+            self._check_open()
+            return sum(1 for r in self._store([]) if r is not None)
+
+    @property
+    def staged(self) -> int:
+        return len(self._staged)
+
+    def _item(  # noqa: PLR0917 - private helper mirroring put()'s fields
+        self,
+        topic: str,
+        payload: bytes,
+        priority: Priority,
+        qos: int,
+        retain: bool,
+        expires_at: float | None,
+        correlation: bytes | None,
+    ) -> _Item:
+        if len(payload) > self.limits.max_message_bytes:
+            raise MessageTooLargeError(
+                f"message for {topic!r} is {len(payload)} bytes, over the outbox limit of "
+                f"{self.limits.max_message_bytes} (reporting.mqtt.outbox.max_message_bytes)"
+            )
+        return _Item(topic, payload, priority, qos, retain, expires_at, correlation, self._clock())
+
+    def _store(self, extra: list[_Item]) -> list[int | None]:
+        """Insert staged + ``extra`` in one transaction (lock held); an id or None each."""
+        with self._stage_lock:
+            items = [*self._staged, *extra]
+            self._staged.clear()
+        if not items:
+            return []
+        results: list[int | None] = []
+        fresh: list[OutboxMessage] = []
+        refused: OutboxFullError | None = None
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for it in items:
+                size = len(it.payload)
+                evict = self._plan_eviction(size)
+                if evict is None:
+                    results.append(None)
+                    if it.priority is Priority.DROPPABLE:
+                        self.dropped += 1
+                        continue
+                    self.refused += 1
+                    refused = OutboxFullError(
+                        f"outbox full ({self._stored()} messages, {self._bytes} bytes of "
+                        f"{self.limits.max_messages}/{self.limits.max_bytes}): critical message "
+                        f"for {it.topic!r} refused — the broker has been unreachable too long, "
+                        "or raise reporting.mqtt.outbox limits"
+                    )
+                    continue
+                if evict:
+                    self._db.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in evict])
+                    for row_id in evict:
+                        self._forget(row_id)
+                    self.dropped += len(evict)
+                cur = self._db.execute(
+                    "INSERT INTO outbox (topic, payload, qos, retain, priority, created_at, "
+                    "expires_at, correlation) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        it.topic,
+                        it.payload,
+                        it.qos,
+                        int(it.retain),
+                        int(it.priority),
+                        it.created_at,
+                        it.expires_at,
+                        it.correlation,
+                    ),
+                )
+                new_id = int(cur.lastrowid or 0)
+                self._rows[it.priority][new_id] = size
+                self._bytes += size
+                results.append(new_id)
+                fresh.append(
+                    OutboxMessage(
+                        new_id,
+                        it.topic,
+                        it.payload,
+                        it.qos,
+                        it.retain,
+                        it.priority,
+                        it.created_at,
+                        it.expires_at,
+                        it.correlation,
+                        0,
+                    )
+                )
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            self._load_index()
+            raise OutboxStoreError(
+                f"MQTT outbox {self.path} cannot store messages: {exc} — is the disk full?"
+            ) from exc
+        self._recent.extend(fresh)
+        if refused is not None:
+            raise refused
+        return results
+
+    def _plan_eviction(self, size: int) -> list[int] | None:
+        """Oldest droppable rows to evict so ``size`` more bytes fit; None if nothing can."""
+        count, total = self._stored() + 1, self._bytes + size
+        evict: list[int] = []
+        if count <= self.limits.max_messages and total <= self.limits.max_bytes:
+            return evict
+        for row_id, row_size in self._rows[Priority.DROPPABLE].items():
+            evict.append(row_id)
+            count -= 1
+            total -= row_size
+            if count <= self.limits.max_messages and total <= self.limits.max_bytes:
+                return evict
+        return None
+
+    def ack(self, ids: Iterable[int]) -> int:
+        """Delete acknowledged rows (ids no longer present are ignored); how many went."""
+        with self._lock:
+            self._check_open()
+            gone = [i for i in ids if self._forget(i)]
+            if not gone:
+                return 0
+            self._delete(gone)
+            return len(gone)
+
+    def dead_letter(self, row_id: int, reason_code: int, reason: str) -> bool:
+        """Move a row to ``dead_letter`` (the broker refused it for good); False if gone."""
+        with self._lock:
+            self._check_open()
+            if not self._forget(row_id):
+                return False
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "INSERT INTO dead_letter (id, topic, payload, qos, retain, priority, "
+                    "created_at, correlation, attempts, reason_code, reason, failed_at) "
+                    "SELECT id, topic, payload, qos, retain, priority, created_at, correlation, "
+                    "attempts, ?, ?, ? FROM outbox WHERE id=?",
+                    (reason_code, reason, self._clock(), row_id),
+                )
+                self._db.execute("DELETE FROM outbox WHERE id=?", (row_id,))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise OutboxStoreError(
+                    f"MQTT outbox {self.path}: dead-letter failed: {exc}"
+                ) from exc
+            self._dead += 1
+            return True
+
+    def add_attempt(self, row_id: int) -> int:
+        """Count one more failed delivery attempt; the new count (0 if the row is gone)."""
+        with self._lock:
+            self._check_open()
+            try:
+                self._db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id=?", (row_id,))
+                row = self._db.execute(
+                    "SELECT attempts FROM outbox WHERE id=?", (row_id,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise OutboxStoreError(f"MQTT outbox {self.path}: update failed: {exc}") from exc
+            return int(row[0]) if row else 0
+
+    def expire(self) -> list[str]:
+        """Delete messages past their expiry; the topics of those deleted."""
+        now = self._clock()
+        with self._lock:
+            self._check_open()
+            rows = self._db.execute(
+                "SELECT id, topic FROM outbox WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                (now,),
+            ).fetchall()
+            gone = [row_id for row_id, _ in rows if self._forget(row_id)]
+            if gone:
+                self._delete(gone)
+                self.expired += len(gone)
+            return [topic for _, topic in rows]
+
+    # --- reading -------------------------------------------------------------------------
+
+    def pending(self, after_id: int = 0, limit: int = 100) -> list[OutboxMessage]:
+        """Up to ``limit`` stored messages with id > ``after_id``, in id order."""
+        with self._lock:
+            self._check_open()
+            recent = self._recent
+            if recent and recent[0].id <= after_id + 1:
+                # Every row after after_id is in the cache (ids ascend, each put appends).
+                newer: list[OutboxMessage] = []
+                for msg in reversed(recent):
+                    if msg.id <= after_id:
+                        break
+                    newer.append(msg)
+                newer.reverse()
+                live = self._rows
+                out = [m for m in newer if m.id in live[m.priority]]
+                return out[:limit]
+            try:
+                rows = self._db.execute(
+                    _SELECT + "WHERE id > ? ORDER BY id LIMIT ?",
+                    (after_id, limit),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise OutboxStoreError(f"MQTT outbox {self.path}: read failed: {exc}") from exc
+        return [_message(r) for r in rows]
+
+    @property
+    def last_id(self) -> int:
+        """Id of the newest stored row (0 when none was stored since opening)."""
+        recent = self._recent
+        return recent[-1].id if recent else 0
+
+    def get(self, row_id: int) -> OutboxMessage | None:
+        with self._lock:
+            self._check_open()
+            row = self._db.execute(_SELECT + "WHERE id=?", (row_id,)).fetchone()
+        return _message(row) if row else None
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        with self._lock:
+            self._check_open()
+            rows = self._db.execute(
+                "SELECT id, topic, payload, reason_code, reason, failed_at FROM dead_letter "
+                "ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [DeadLetter(r[0], r[1], bytes(r[2]), r[3], r[4], r[5]) for r in rows]
+
+    @property
+    def depth(self) -> int:
+        """Stored plus staged messages."""
+        return sum(len(r) for r in self._rows.values()) + len(self._staged)
+
+    def stats(self) -> OutboxStats:
+        with self._lock:
+            return OutboxStats(
+                depth=self.depth,
+                bytes=self._bytes,
+                critical=len(self._rows[Priority.CRITICAL]),
+                dropped=self.dropped + self._staged_dropped,
+                refused=self.refused,
+                expired=self.expired,
+                dead_letters=self._dead,
+            )
+
+    def close(self) -> None:
+        """Commit what is staged, then close the database."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._store([])
+            finally:
+                with self._stage_lock:
+                    self._closed = True
+            try:
+                self._db.close()
+            except sqlite3.Error as exc:
+                raise OutboxStoreError(f"MQTT outbox {self.path}: close failed: {exc}") from exc
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # --- internals (lock held) -----------------------------------------------------------
+
+    def _stored(self) -> int:
+        return sum(len(r) for r in self._rows.values())
+
+    def _load_index(self) -> None:
+        """(Re)build the in-memory index of stored rows from the database."""
+        self._rows = {p: OrderedDict() for p in Priority}
+        self._bytes = 0
+        self._recent.clear()
+        for row_id, size, prio in self._db.execute(
+            "SELECT id, length(payload), priority FROM outbox ORDER BY id"
+        ):
+            self._rows[Priority(prio)][row_id] = size
+            self._bytes += size
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OutboxStoreError(f"MQTT outbox {self.path} is closed")
+
+    def _forget(self, row_id: int) -> bool:
+        for rows in self._rows.values():
+            size = rows.pop(row_id, None)
+            if size is not None:
+                self._bytes -= size
+                return True
+        return False
+
+    def _delete(self, ids: list[int]) -> None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids])
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise OutboxStoreError(f"MQTT outbox {self.path}: delete failed: {exc}") from exc
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                _log.warning("outbox %s: rollback failed: %s", self.path, exc)
+
+
+def _message(row: tuple[object, ...]) -> OutboxMessage:
+    (row_id, topic, payload, qos, retain, prio, created, expires, corr, attempts) = row
+    return OutboxMessage(
+        id=int(row_id),  # type: ignore[call-overload]
+        topic=str(topic),
+        payload=bytes(payload),  # type: ignore[call-overload]
+        qos=int(qos),  # type: ignore[call-overload]
+        retain=bool(retain),
+        priority=Priority(int(prio)),  # type: ignore[call-overload]
+        created_at=float(created),  # type: ignore[arg-type]
+        expires_at=None if expires is None else float(expires),  # type: ignore[arg-type]
+        correlation=None if corr is None else bytes(corr),  # type: ignore[call-overload]
+        attempts=int(attempts),  # type: ignore[call-overload]
+    )
