@@ -328,6 +328,7 @@ class FrameSource(abc.ABC):
                 attempt = 0
             if self._state != "running":
                 self._set_state("running")
+            self._before_read(link)
             ok, image = self._capture.read()
             if link.stop.is_set():
                 break
@@ -361,20 +362,18 @@ class FrameSource(abc.ABC):
             link.stop.wait(min(remaining, 1.0))
             link.heartbeats.beat(link.worker)
 
-    def _pace(self, link: CaptureLink) -> bool:
-        """Apply ``fps_cap``: True to deliver the frame now, False to drop it."""
+    def _before_read(self, link: CaptureLink) -> None:  # noqa: B027 - optional hook
+        """Called before each read; a file source waits here to pace itself."""
+
+    def _rate_ok(self) -> bool:
+        """Live sources under ``fps_cap``: False (drop, counted) when a frame comes too soon."""
         cap = self.config.fps_cap
-        if cap is None:
+        if cap is None or not self.live:
             return True
-        due = self._last_delivery + 1.0 / cap
-        now = time.monotonic()
-        if now >= due:
+        if time.monotonic() >= self._last_delivery + 1.0 / cap:
             return True
-        if self.live:
-            self._counters.add("rate_limited")
-            return False
-        self._sleep(due - now, link)
-        return True
+        self._counters.add("rate_limited")
+        return False
 
     def _deliver(self, image: Any, link: CaptureLink) -> None:
         wall, mono = time.time(), time.monotonic()
@@ -386,7 +385,7 @@ class FrameSource(abc.ABC):
             return
         if image.ndim == 2:
             image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-        if not self._pace(link):
+        if not self._rate_ok():
             return
         self._last_delivery = time.monotonic()
         with self._lock:
@@ -483,15 +482,21 @@ class FileSource(FrameSource):
             self._sleep(self._backoff(attempt), link)
         return True
 
-    def _pace(self, link: CaptureLink) -> bool:
+    def _before_read(self, link: CaptureLink) -> None:
+        """Pace like a camera: the file's own rate (``realtime``) and/or ``fps_cap``. The frame
+        is read (and stamped) when it is due, so its capture time is its delivery time."""
+        now = time.monotonic()
+        due = now
         if self.file_config.realtime and self._frame_period > 0:
-            now = time.monotonic()
             if self._next_due == 0.0 or now - self._next_due > 1.0:
                 self._next_due = now  # start, or fell far behind: resynchronise
-            if self._next_due > now:
-                self._sleep(self._next_due - now, link)
+            due = self._next_due
             self._next_due += self._frame_period
-        return super()._pace(link)
+        cap = self.config.fps_cap
+        if cap is not None:
+            due = max(due, self._last_delivery + 1.0 / cap)
+        if due > now:
+            self._sleep(due - now, link)
 
 
 class StreamSource(FrameSource):
