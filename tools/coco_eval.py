@@ -137,7 +137,7 @@ class Detector:
     def close(self) -> None:
         self.engine.close()
 
-    def detect(self, frame: npt.NDArray[np.uint8], params: DecodeParams) -> Detections:
+    def detect(self, frame: npt.NDArray[Any], params: DecodeParams) -> Detections:
         t0 = time.perf_counter()
         image = self.engine.input_buffer(self.spec.tensor, self.preprocessor.input_shape)
         meta = self.preprocessor.prepare(frame, image, 0)
@@ -280,19 +280,20 @@ def _environment(threads: int) -> dict[str, Any]:
 def write_reports(
     results: Sequence[EvalResult], json_path: Path, md_path: Path, threads: int
 ) -> None:
-    report = {
+    environment = _environment(threads)
+    report: dict[str, Any] = {
         "schema": 1,
         "tool": "tools/coco_eval.py",
         "dataset": "coco_mini (79 COCO val2017 images, instances_val2017.json)",
         "tolerance_map": TOLERANCE,
         "max_detections": MAX_DETECTIONS,
-        "environment": _environment(threads),
+        "environment": environment,
         "models": [asdict(r) for r in results],
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(_markdown(results, report["environment"]), encoding="utf-8")
+    md_path.write_text(_markdown(results, environment), encoding="utf-8")
 
 
 _HEADER = (
