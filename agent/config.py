@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, StrictInt
 
+from agent.mqtt_config import MqttConfig
 from engines.affinity import MAX_CPU, parse_cpulist
 from engines.configbase import StrictModel
 from engines.store_config import ModelStoreConfig
@@ -119,6 +120,10 @@ class ReportingConfig(StrictModel):
     jsonl: JsonlReporterConfig | None = Field(
         default_factory=JsonlReporterConfig,
         description="JSON Lines reporter (stdout or file); `enabled = false` turns it off.",
+    )
+    mqtt: MqttConfig | None = Field(
+        default=None,
+        description="MQTT reporter with durable outbox and remote commands; unset: no MQTT.",
     )
 
 
