@@ -341,13 +341,10 @@ class OnnxRuntimeEngine(TensorEngine):
                 _log.warning("inference worker of %s did not stop within %s s", self._path, 30)
         if self._config.profile_path is not None:
             self._profile_file = str(self._session.end_profiling())
-        for slot in self._slots:
+        for slot in self._slots:  # output arrays already handed out stay valid numpy arrays
             slot.binding.clear_binding_inputs()
             slot.binding.clear_binding_outputs()
-            slot.inputs.clear()
-            slot.bound.clear()
             slot.bound_values.clear()
-            slot.outputs.clear()
             slot.output_values.clear()
         self._slots = []
         self._session = None
