@@ -1,10 +1,11 @@
 """Round-robin in-flight slots shared by the engines' submit/collect, and model-file checks.
 
 A slot is one set of buffers (and, on TensorRT, an execution context, a CUDA stream and an event).
-``submit`` takes the next slot in turn and hands back a :class:`~engines.base.Ticket`; the slot
-stays taken until that ticket is collected, so its output buffers are never overwritten before
-the caller has read them. Submitting into a slot whose ticket is still out is a caller bug and
-raises ``InferenceError`` instead of blocking (blocking would deadlock a single-threaded caller).
+``submit`` takes the next free slot in turn and hands back a :class:`~engines.base.Ticket`; the
+slot stays taken until that ticket is collected, so neither its input buffer (being read) nor its
+output buffers (not yet read) are touched meanwhile. With every slot taken, ``submit`` and
+``input_buffer`` raise ``InferenceError`` instead of blocking (blocking would deadlock a
+single-threaded caller).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ __all__ = ["SlotRing", "check_model_file", "file_sha256"]
 
 
 class SlotRing:
-    """Hands out slots ``0..count-1`` in turn; at most one uncollected ticket per slot."""
+    """Hands out slots round-robin, skipping slots whose ticket is still out."""
 
     def __init__(self, count: int) -> None:
         if count < 1:
             msg = f"an engine needs at least one slot, got {count}"
             raise ValueError(msg)
         self._count = count
+        self._cursor = 0
         self._sequence = 0
         self._outstanding: dict[int, int] = {}
 
@@ -34,31 +36,34 @@ class SlotRing:
         return self._count
 
     @property
-    def next_slot(self) -> int:
-        """The slot the next ``submit`` (and ``input_buffer``) uses."""
-        return self._sequence % self._count
-
-    @property
     def in_flight(self) -> int:
         return len(self._outstanding)
 
+    @property
+    def next_slot(self) -> int:
+        """The slot the next ``submit`` (and ``input_buffer``) uses; see :meth:`require_free`."""
+        return self.require_free()
+
     def require_free(self) -> int:
-        """The next slot, or ``InferenceError`` when its previous ticket was not collected."""
-        slot = self.next_slot
-        if slot in self._outstanding:
-            msg = (
-                f"all {self._count} slots hold uncollected tickets (slot {slot} has ticket "
-                f"#{self._outstanding[slot]}): collect() a ticket before submitting again"
-            )
-            raise InferenceError(msg)
-        return slot
+        """The first free slot from the cursor on, or ``InferenceError`` when all are taken."""
+        for step in range(self._count):
+            slot = (self._cursor + step) % self._count
+            if slot not in self._outstanding:
+                return slot
+        oldest = min(self._outstanding.values())
+        msg = (
+            f"all {self._count} slots hold uncollected tickets (oldest #{oldest}): collect() a "
+            "ticket before submitting again"
+        )
+        raise InferenceError(msg)
 
     def issue(self) -> Ticket:
-        """Take the next slot (checked with :meth:`require_free`) and return its ticket."""
+        """Take the next free slot and return its ticket."""
         slot = self.require_free()
         ticket = Ticket(slot=slot, sequence=self._sequence)
         self._outstanding[slot] = self._sequence
         self._sequence += 1
+        self._cursor = (slot + 1) % self._count
         return ticket
 
     def check(self, ticket: Ticket) -> None:

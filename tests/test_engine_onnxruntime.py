@@ -308,3 +308,16 @@ def test_truncated_copy_keeps_other_engines_running(yolox: Path, tmp_path: Path)
             OnnxRuntimeEngine(_config(), broken, cpus=CPUS)
         out = healthy.infer({"images": np.zeros(YOLOX_SHAPE, np.float32)})
         assert np.isfinite(out["output"]).all()
+
+
+def test_pipelined_submit_mixed_with_infer_skips_busy_slots(engine: OnnxRuntimeEngine) -> None:
+    feed = {"images": np.zeros(YOLOX_SHAPE, np.float32)}
+    pending = engine.submit(feed)  # slot 0 stays out while infer() runs in slot 1
+    engine.infer(feed)
+    nxt = engine.submit(feed)  # slot 0 is still taken: the free slot 1 is used again
+    assert (pending.slot, nxt.slot) == (0, 1)
+    with pytest.raises(InferenceError, match="collect"):
+        engine.input_buffer("images")  # no free slot to write into
+    engine.collect(pending)
+    engine.collect(nxt)
+    assert engine.status()["in_flight"] == 0
