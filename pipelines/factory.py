@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from engines.registry import build_engine
-
 from engines.base import TensorEngine, TensorSpec
+from engines.registry import build_engine
 from pipelines.base import Pipeline, PipelineContext
 from pipelines.config import PipelineConfig, VisionPipelineConfig
 from pipelines.errors import DecoderMismatchError, PipelineConfigError

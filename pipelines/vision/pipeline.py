@@ -177,7 +177,6 @@ class VisionPipeline:
         self._fps_out = RateMeter()
         self._counters = Counters(
             (
-                "frames_in",
                 "frames_processed",
                 "results_published",
                 "batches",
@@ -418,7 +417,6 @@ class VisionPipeline:
                 if self._sources_done():
                     break
                 continue
-            self._counters.add("frames_in", len(frames))
             if not self._acquire_slot(worker):
                 return
             batch = self._prepare(frames)
