@@ -12,8 +12,10 @@
 - **preprocess**: takes up to a batch of frames (round-robin across sources, waiting at most
   ``batch_max_wait_ms`` for a batch to fill) and writes them straight into the engine's input
   buffer with the model's ``Preprocessor``.
-- **inference**: ``engine.submit`` then ``engine.collect``; outputs are copied into a small pool
-  of preallocated buffers so the engine can run the next batch while this one is decoded.
+- **inference**: the preprocess stage ``submit``s each batch as soon as it is written (so the
+  engine runs batch N while N+1 is prepared), this stage ``collect``s them in order. At most
+  one batch per engine slot is in flight, counted by a slot token that postprocess returns once
+  it has decoded the engine-owned outputs (no output copy).
 - **postprocess**: the model's decoder (score threshold, class allow-list, boxes back to source
   pixels, class-aware NMS, max detections).
 - **sink**: builds the schema-versioned result message (``pipelines.vision.results``) per frame
@@ -35,7 +37,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
 import numpy.typing as npt
 
 from engines.affinity import format_cpulist, pin_current_thread
@@ -80,38 +81,7 @@ class _Batch:
     ticket: Ticket | None = None
     submitted: float = 0.0
     outputs: dict[str, npt.NDArray[Any]] | None = None
-    pool_entry: dict[str, npt.NDArray[Any]] | None = None
     detections: list[Detections] = field(default_factory=list)
-
-
-class _OutputPool:
-    """Preallocated copies of the engine outputs, recycled between inference and postprocess."""
-
-    def __init__(self, size: int) -> None:
-        self._free: queue.Queue[dict[str, npt.NDArray[Any]]] = queue.Queue()
-        for _ in range(size):
-            self._free.put({})
-
-    def acquire(self, timeout_s: float) -> dict[str, npt.NDArray[Any]] | None:
-        try:
-            return self._free.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
-
-    @staticmethod
-    def fill(
-        entry: dict[str, npt.NDArray[Any]], outputs: dict[str, npt.NDArray[Any]]
-    ) -> dict[str, npt.NDArray[Any]]:
-        for name, array in outputs.items():
-            held = entry.get(name)
-            if held is None or held.shape != array.shape or held.dtype != array.dtype:
-                held = np.empty_like(array)  # first use, or the engine's shape changed
-                entry[name] = held
-            np.copyto(held, array)
-        return entry
-
-    def release(self, entry: dict[str, npt.NDArray[Any]]) -> None:
-        self._free.put(entry)
 
 
 class VisionPipeline:
@@ -156,9 +126,8 @@ class VisionPipeline:
         self._to_infer: queue.Queue[_Batch | None] = queue.Queue(qsize)
         self._to_post: queue.Queue[_Batch | None] = queue.Queue(qsize)
         self._to_sink: queue.Queue[_Batch | None] = queue.Queue(qsize)
-        self._pool = _OutputPool(qsize + 2)
-        # engine calls submitted and not yet collected: at most one per engine slot, so the
-        # preprocess stage always writes into a free slot's input buffer
+        # batches submitted and not yet decoded: at most one per engine slot, so preprocess
+        # always writes into a free slot and a slot's outputs stay put until they are decoded
         self._slots = _engine_slots(engine)
         self._slot_free = threading.Semaphore(self._slots)
         self._collect_timeout = max(1.0, 0.8 * config.heartbeat_interval_s)
@@ -495,29 +464,22 @@ class VisionPipeline:
             if batch is None:
                 self._put(self._to_post, None, worker)
                 return
-            entry = None
-            while entry is None and not self._halted():
-                self._beat(worker)
-                entry = self._pool.acquire(_POLL_S)
-            if entry is None or batch.ticket is None:
-                return
-            self._beat(worker)
+            if batch.ticket is None:  # pragma: no cover - set by the preprocess stage
+                continue
             try:
-                outputs = self._engine.collect(batch.ticket, timeout_s=self._collect_timeout)
-                batch.outputs = self._pool.fill(entry, outputs)
+                # engine-owned outputs: valid until this slot runs again, which cannot happen
+                # before postprocess releases the slot token
+                batch.outputs = self._engine.collect(batch.ticket, timeout_s=self._collect_timeout)
             except EngineError as exc:
-                self._pool.release(entry)
+                self._slot_free.release()
                 self._counters.add("inference_errors")
                 _log.error("pipeline %s: inference failed, batch dropped: %s", self.name, exc)
                 continue
-            finally:
-                self._slot_free.release()
             done = time.monotonic()
             # the engine runs one call at a time, in order: this one started when it was
             # submitted or when the previous one finished, whichever came later
             batch.infer_s = done - max(batch.submitted, engine_free_at)
             engine_free_at = done
-            batch.pool_entry = entry
             self._counters.add("batches")
             if not self._put(self._to_post, batch, worker):
                 return
@@ -541,9 +503,8 @@ class VisionPipeline:
                 _log.error("pipeline %s: decoding failed, batch dropped: %s", self.name, exc)
                 continue
             finally:
-                if batch.pool_entry is not None:
-                    self._pool.release(batch.pool_entry)
-                batch.outputs = batch.pool_entry = None
+                batch.outputs = None
+                self._slot_free.release()  # the engine may now reuse this slot's outputs
             batch.post_s = time.monotonic() - start
             self._cpu["postprocess"].record((time.thread_time() - cpu0) / len(batch.frames))
             if not self._put(self._to_sink, batch, worker):
