@@ -146,15 +146,19 @@ class CommandDispatcher:
         self._worker.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self._worker is None:
-            return
-        self._queue.put(None)
-        self._worker.join(timeout)
+        """Finish the queued commands, then join the worker and running long commands."""
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(timeout)
+            if self._worker.is_alive():
+                _log.error("command dispatcher did not stop within %.1f s", timeout)
+            self._worker = None
         with self._long_lock:
             running = list(self._long)
         for t in running:
             t.join(timeout)
-        self._worker = None
+            if t.is_alive():
+                _log.error("long command thread %s did not stop within %.1f s", t.name, timeout)
 
     def submit(self, inbound: InboundCommand) -> None:
         """Hand over a received command (never blocks; a full queue answers busy)."""

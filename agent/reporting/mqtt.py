@@ -102,7 +102,6 @@ RESERVED_KEYS = frozenset({"device_id", "boot_id", "seq"})
 _UNSUPPORTED_PROTOCOL = 0x84  # CONNACK (v5) "Unsupported Protocol Version"
 _V3_REFUSED_PROTOCOL = 1  # CONNACK (v3) "unacceptable protocol version"
 _STATUS_MID_NONE = -1
-_EVENT_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -139,6 +138,8 @@ class MqttSettings:
     )
     """Expiry per droppable kind; critical messages never expire."""
     subscribe_commands: bool = True
+    loss_event_interval_s: float = 5.0
+    """At most one ``events`` message per kind of loss (dropped, expired, ...) this often."""
 
 
 @dataclass
@@ -234,6 +235,12 @@ class MqttReporter:
             raise ReportingError("MQTT reporter already started")
         self._thread = threading.Thread(target=self._run, name="mqtt-owner", daemon=True)
         self._thread.start()
+
+    def set_command_handler(self, on_command: Callable[[InboundCommand], None] | None) -> None:
+        """Where received commands go (set before ``start``; must not block)."""
+        if self._thread is not None:
+            raise ReportingError("set the command handler before starting the MQTT reporter")
+        self._on_command = on_command
 
     @property
     def connected(self) -> bool:
@@ -923,7 +930,7 @@ class MqttReporter:
 
     def _maybe_report_losses(self) -> None:
         now = time.monotonic()
-        if now - self._last_event_t < _EVENT_INTERVAL_S:
+        if now - self._last_event_t < self.settings.loss_event_interval_s:
             return
         self._last_event_t = now
         expired_topics = self.outbox.expire()

@@ -1,0 +1,149 @@
+"""The durable outbox on real SQLite files: order, persistence, bounds, priorities, expiry,
+dead letters, group commit."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from agent.errors import MessageTooLargeError, OutboxFullError, OutboxStoreError
+from agent.reporting.outbox import Outbox, OutboxLimits
+from agent.reporting.topics import Priority
+
+CRIT = Priority.CRITICAL
+DROP = Priority.DROPPABLE
+
+
+def test_rows_come_back_in_order_and_ack_deletes(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite") as ob:
+        ids = [ob.put(f"t/{i}", f"m{i}".encode(), priority=CRIT) for i in range(5)]
+        assert ids == sorted(ids)
+        rows = ob.pending(after_id=0, limit=10)
+        assert [r.payload for r in rows] == [f"m{i}".encode() for i in range(5)]
+        assert ob.pending(after_id=rows[2].id, limit=10) == rows[3:]
+        assert ob.ack([rows[0].id, rows[1].id, 999_999]) == 2
+        assert [r.id for r in ob.pending()] == [r.id for r in rows[2:]]
+        assert ob.depth == 3
+
+
+def test_rows_survive_a_reopen_and_replay_from_the_database(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    with Outbox(path) as ob:
+        for i in range(4):
+            ob.put("t", f"{i}".encode(), priority=CRIT, correlation=b"c" if i == 2 else None)
+        ob.ack([ob.pending()[0].id])
+    with Outbox(path) as again:
+        rows = again.pending()
+        assert [r.payload for r in rows] == [b"1", b"2", b"3"]
+        assert rows[1].correlation == b"c"
+        assert again.depth == 3
+        assert again.stats().bytes == 3
+
+
+def test_staged_messages_are_committed_in_one_group_and_on_close(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    ob = Outbox(path)
+    ob.stage("d", b"a")
+    ob.stage("d", b"b")
+    assert ob.staged == 2
+    assert ob.depth == 2
+    assert ob.pending() == []  # not stored yet
+    assert ob.commit_staged() == 2
+    assert [r.payload for r in ob.pending()] == [b"a", b"b"]
+    ob.stage("d", b"c")
+    # a synchronous put commits what is staged first, so ids keep publish order
+    crit = ob.put("e", b"crit", priority=CRIT)
+    assert [r.payload for r in ob.pending()] == [b"a", b"b", b"c", b"crit"]
+    assert ob.pending()[-1].id == crit
+    ob.stage("d", b"last")
+    ob.close()
+    with Outbox(path) as again:
+        assert [r.payload for r in again.pending()][-1] == b"last"
+
+
+def test_droppable_messages_are_evicted_oldest_first_and_counted(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite", OutboxLimits(max_messages=4)) as ob:
+        ob.put("e", b"c1", priority=CRIT)
+        for i in range(6):
+            ob.put("d", f"d{i}".encode(), priority=DROP)
+        assert [r.payload for r in ob.pending()] == [b"c1", b"d3", b"d4", b"d5"]
+        assert ob.stats().dropped == 3
+
+
+def test_critical_messages_are_never_dropped_but_refused_loudly(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite", OutboxLimits(max_messages=3)) as ob:
+        ob.put("d", b"d0", priority=DROP)
+        for i in range(3):
+            ob.put("e", f"c{i}".encode(), priority=CRIT)  # the third evicts the detection
+        with pytest.raises(OutboxFullError, match="critical message"):
+            ob.put("e", b"c3", priority=CRIT)
+        assert ob.put("d", b"d1", priority=DROP) is None  # no room: the new one is dropped
+        stats = ob.stats()
+        assert (stats.refused, stats.dropped, stats.critical) == (1, 2, 3)
+        assert [r.payload for r in ob.pending()] == [b"c0", b"c1", b"c2"]
+
+
+def test_byte_bound_applies_too(tmp_path: Path) -> None:
+    limits = OutboxLimits(max_messages=1000, max_bytes=100, max_message_bytes=60)
+    with Outbox(tmp_path / "o.sqlite", limits) as ob:
+        ob.put("d", b"x" * 60, priority=DROP)
+        ob.put("d", b"y" * 50, priority=DROP)  # evicts the first (60 + 50 > 100)
+        assert [r.payload[:1] for r in ob.pending()] == [b"y"]
+        with pytest.raises(MessageTooLargeError, match="max_message_bytes"):
+            ob.put("d", b"z" * 61, priority=DROP)
+
+
+def test_expired_messages_are_deleted_and_counted(tmp_path: Path) -> None:
+    now = [1000.0]
+    with Outbox(tmp_path / "o.sqlite", clock=lambda: now[0]) as ob:
+        ob.put("d", b"old", priority=DROP, expires_at=1005.0)
+        ob.put("d", b"keep", priority=DROP, expires_at=2000.0)
+        ob.put("e", b"forever", priority=CRIT)
+        assert ob.expire() == []
+        now[0] = 1006.0
+        assert ob.expire() == ["d"]
+        assert [r.payload for r in ob.pending()] == [b"keep", b"forever"]
+        assert ob.stats().expired == 1
+
+
+def test_dead_letter_moves_the_row_out_for_good(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    with Outbox(path) as ob:
+        row = ob.put("edge/x/vision/p/events", b"denied", priority=CRIT)
+        assert row is not None
+        assert ob.add_attempt(row) == 1
+        assert ob.dead_letter(row, 0x87, "not_authorized")
+        assert not ob.dead_letter(row, 0x87, "again")
+        assert ob.pending() == []
+        (dl,) = ob.dead_letters()
+        assert (dl.topic, dl.payload, dl.reason_code) == ("edge/x/vision/p/events", b"denied", 0x87)
+    with Outbox(path) as again:
+        assert again.stats().dead_letters == 1
+
+
+def test_an_unusable_file_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "not-a-db.sqlite"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(OutboxStoreError, match="cannot be opened"):
+        Outbox(bad)
+
+
+def test_one_agent_per_outbox_file(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    with Outbox(path) as ob:
+        ob.put("e", b"x", priority=CRIT)
+        other = sqlite3.connect(str(path), timeout=0.1)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        other.close()
+
+
+def test_publish_after_close_is_refused(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.sqlite")
+    ob.close()
+    with pytest.raises(OutboxStoreError, match="closed"):
+        ob.put("e", b"x", priority=CRIT)
+    with pytest.raises(OutboxStoreError, match="closed"):
+        ob.stage("d", b"x")
