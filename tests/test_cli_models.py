@@ -298,5 +298,5 @@ def test_models_help_has_examples() -> None:
     )
     assert result.returncode == 0
     assert "edge-agent models pull yolox_nano_416" in result.stdout
-    for action in ("list", "pull", "verify", "info"):
+    for action in ("list", "pull", "verify", "info", "build-plan"):
         assert action in result.stdout

@@ -1,4 +1,4 @@
-"""`edge-agent models list | pull | verify | info`: the model store from the command line.
+"""`edge-agent models list | pull | verify | info | build-plan`: the model store from the CLI.
 
 The store is the agent's (``engines.store.ModelStore``): manifests from ``models/`` (and
 ``models.manifest_dirs``), files found through ``$EDGE_AGENT_MODEL_PATH``,
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from agent.cli.plan_cmd import add_build_plan_parser
 from agent.configfile import load_config
 from engines.errors import (
     ChecksumMismatchError,
@@ -41,6 +42,7 @@ Examples:
   edge-agent models verify                    re-hash every present model (exit 1 on mismatch)
   edge-agent models verify nanodet_m_416
   edge-agent models info ../shared/models/yolox_nano_416.onnx
+  edge-agent models build-plan /var/lib/edge-agent/models/yolox_nano_416.onnx --precision fp16
   edge-agent models --config /etc/edge-agent/agent.toml list
 
 Files are searched in $EDGE_AGENT_MODEL_PATH (colon-separated), models.search_path, then the
@@ -117,6 +119,8 @@ def register(sub: Any) -> None:
     )
     info.add_argument("file", type=Path, metavar="FILE")
     info.set_defaults(func=run_info)
+
+    add_build_plan_parser(actions)  # `models build-plan` (TensorRT), see agent/cli/plan_cmd.py
 
 
 # ------------------------------------------------------------------------------ helpers
