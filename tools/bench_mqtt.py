@@ -80,7 +80,9 @@ def bench_raw(port: int, device: str, password: str, n: int, window: int) -> flo
     return n / elapsed
 
 
-def bench_outbox(port: int, device: str, password: str, n: int, window: int, folder: Path) -> float:
+def bench_outbox(  # noqa: PLR0917
+    port: int, device: str, password: str, n: int, window: int, folder: Path
+) -> float:
     settings = MqttSettings(
         host="127.0.0.1",
         port=port,
@@ -109,7 +111,7 @@ def bench_outbox(port: int, device: str, password: str, n: int, window: int, fol
 
 
 def main() -> int:
-    from conftest import PASSWORD, running_broker
+    from broker_support import PASSWORD, running_broker
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=20_000)
@@ -124,9 +126,7 @@ def main() -> int:
         for r in range(args.rounds):
             raw.append(bench_raw(broker.port, "dev000", PASSWORD, args.messages, args.window))
             outbox.append(
-                bench_outbox(
-                    broker.port, "dev001", PASSWORD, args.messages, args.window, Path(tmp)
-                )
+                bench_outbox(broker.port, "dev001", PASSWORD, args.messages, args.window, Path(tmp))
             )
             print(f"round {r + 1}: raw {raw[-1]:.0f} msg/s, outbox {outbox[-1]:.0f} msg/s")
     ratio = statistics.median(outbox) / statistics.median(raw)
