@@ -100,6 +100,11 @@ class StatusMessage(Stamped):
         "not connected (Last Will or clean shutdown)."
     )
     version: str = Field(description="Agent version.")
+    agent_state: str | None = Field(
+        default=None,
+        description="The agent's own lifecycle state (starting, ready, degraded, stopping, "
+        "stopped) when the agent reported one.",
+    )
     reason: str | None = Field(
         default=None, description="Why the state is degraded/offline (stable code or text)."
     )

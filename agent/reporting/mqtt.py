@@ -372,6 +372,7 @@ class MqttReporter:
         state: Literal["online", "degraded"],
         *,
         reason: str | None = None,
+        agent_state: str | None = None,
         pinning: Mapping[str, Any] | None = None,
         models: list[str] | None = None,
         pipelines: Mapping[str, str] | None = None,
@@ -380,6 +381,8 @@ class MqttReporter:
         with self._status_lock:
             self._status["state"] = state
             self._status["reason"] = reason
+            if agent_state is not None:
+                self._status["agent_state"] = agent_state
             if pinning is not None:
                 self._status["pinning"] = dict(pinning)
             if models is not None:

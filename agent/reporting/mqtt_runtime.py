@@ -3,10 +3,14 @@
     runtime = open_mqtt(config.reporting.mqtt, device_id=..., state_dir=..., version=...,
                         status=agent.status, config=lambda: config)
     runtime.registry.register(CommandSpec("pipeline.start", ...))   # the agent's own commands
-    runtime.start()                  # owner thread + dispatcher thread
+    runtime.start()                  # owner, dispatcher and telemetry threads
     sinks.append(runtime)            # a pipelines.base.ResultSink (publish / close)
-    runtime.publish_telemetry({...}) # every telemetry_interval_s
     runtime.close()                  # retained offline, clean disconnect, close the files
+
+As a sink, ``publish("status", agent_status)`` (what ``Agent._set_state`` sends every sink) is
+not a plain message: it updates the retained ``status`` (online/degraded, agent_state, pinning,
+models, pipeline states). With ``telemetry=`` a thread publishes telemetry every
+``telemetry_interval_s`` with what that callable returns (per-pipeline figures).
 
 ``open_mqtt`` reads the password (and TLS key passphrase) through ``agent.credentials``; it
 raises ``CredentialError`` / ``ReportingError`` subclasses with one clear line each.
@@ -15,8 +19,9 @@ raises ``CredentialError`` / ``ReportingError`` subclasses with one clear line e
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +100,57 @@ class MqttRuntime:
     guard: ReplayGuard | None
     audit: AuditLog | None
     telemetry_interval_s: float
+    telemetry: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _telemetry_thread: threading.Thread | None = None
 
     def start(self) -> None:
         if self.dispatcher is not None:
             self.dispatcher.start()
         self.reporter.start()
+        if self.telemetry is not None:
+            self._telemetry_thread = threading.Thread(
+                target=self._telemetry_loop, name="mqtt-telemetry", daemon=True
+            )
+            self._telemetry_thread.start()
 
     def publish(self, topic: str, message: Mapping[str, Any]) -> None:
+        """``ResultSink.publish``; ``status`` updates the retained status (see above)."""
+        if topic == "status":
+            self._status_from_agent(message)
+            return
         self.reporter.publish(topic, message)
+
+    def _status_from_agent(self, status: Mapping[str, Any]) -> None:
+        agent_state = str(status.get("state", "unknown"))
+        pipelines: dict[str, str] = {}
+        models: list[str] = []
+        for entry in status.get("pipelines") or []:
+            if isinstance(entry, Mapping) and "name" in entry:
+                pipelines[str(entry["name"])] = str(entry.get("state", "unknown"))
+                if entry.get("state") != "failed" and entry.get("model"):
+                    models.append(str(entry["model"]))
+        failed = sorted(name for name, state in pipelines.items() if state == "failed")
+        degraded = agent_state == "degraded" or bool(failed)
+        pinning = status.get("pinning")
+        self.reporter.set_status(
+            "degraded" if degraded else "online",
+            reason=f"pipelines failed: {', '.join(failed)}" if failed else None,
+            agent_state=agent_state,
+            pinning=pinning if isinstance(pinning, Mapping) else None,
+            models=sorted(set(models)),
+            pipelines=pipelines,
+        )
+
+    def _telemetry_loop(self) -> None:
+        source = self.telemetry
+        while source is not None and not self._stop.wait(self.telemetry_interval_s):
+            try:
+                figures = source()
+            except Exception:  # noqa: BLE001 - a failing source skips one round, never the loop
+                _log.exception("telemetry source failed; skipping this round")
+                continue
+            self.reporter.publish_telemetry(figures)
 
     def publish_telemetry(
         self,
@@ -115,7 +163,10 @@ class MqttRuntime:
     def close(self, timeout: float = 5.0) -> None:
         """Stop receiving commands, finish the running ones, publish offline, disconnect,
         close the outbox, replay store and audit log."""
+        self._stop.set()
         try:
+            if self._telemetry_thread is not None:
+                self._telemetry_thread.join(timeout)
             if self.dispatcher is not None:
                 self.dispatcher.stop(timeout)
             self.reporter.stop(timeout)
@@ -137,6 +188,7 @@ def open_mqtt(
     config: Callable[[], BaseModel | Mapping[str, Any]],
     boot_id: str | None = None,
     heartbeat: Callable[[], None] | None = None,
+    telemetry: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> MqttRuntime:
     """Build (not start) the MQTT runtime from config; see the module docstring."""
@@ -202,4 +254,5 @@ def open_mqtt(
         guard=guard,
         audit=audit,
         telemetry_interval_s=cfg.telemetry_interval_s,
+        telemetry=telemetry,
     )

@@ -21,14 +21,29 @@ from test_commands import _commands, _materialise, _payloads
 
 from agent.config import AgentConfig
 from agent.mqtt_config import MqttConfig
-from agent.reporting.messages import TERMINAL_STATUSES, AuditEvent, CommandReply
+from agent.reporting.messages import (
+    TERMINAL_STATUSES,
+    AuditEvent,
+    CommandReply,
+    StatusMessage,
+    TelemetryMessage,
+)
 from agent.reporting.mqtt_runtime import MqttRuntime, open_mqtt
 
 
 class Agentish:
     """What a test needs of one device: its MQTT runtime, controller view and signing key."""
 
-    def __init__(self, broker: MosquittoBroker, device: str, tmp: Path, **commands: Any) -> None:
+    def __init__(
+        self,
+        broker: MosquittoBroker,
+        device: str,
+        tmp: Path,
+        *,
+        mqtt: dict[str, Any] | None = None,
+        telemetry: Any = None,
+        **commands: Any,
+    ) -> None:
         self.device = device
         self.tmp = tmp
         self.key: Ed25519PrivateKey = make_keys(tmp / "keys")
@@ -42,6 +57,7 @@ class Agentish:
                 "reconnect_min_s": 0.05,
                 "reconnect_max_s": 0.3,
                 "commands": {"trusted_keys_dir": str(tmp / "keys"), **commands},
+                **(mqtt or {}),
             }
         )
         agent_cfg = AgentConfig.model_validate(
@@ -55,6 +71,7 @@ class Agentish:
             version="t",
             status=lambda: {"state": "running", "device": device},
             config=lambda: agent_cfg,
+            telemetry=telemetry,
             environ={},
         )
         register_test_commands(self.rt.registry, self.loads)
@@ -275,3 +292,46 @@ def test_fuzz_over_the_broker_one_reply_each_or_audited_replay(
     assert {
         CommandReply.model_validate_json(m.payload).status for m in replies
     } <= TERMINAL_STATUSES
+
+
+def test_runtime_turns_agent_status_into_retained_status_and_sends_telemetry(
+    broker: MosquittoBroker, device: str, tmp_path: Path
+) -> None:
+    """What ``Agent._set_state`` hands every sink (``publish("status", snapshot)``) becomes the
+    retained status; the telemetry thread publishes the source's figures every interval."""
+    rounds: list[int] = []
+
+    def figures() -> dict[str, dict[str, Any]]:
+        rounds.append(1)
+        return {"street": {"fps": 9.5, "round": len(rounds)}}
+
+    a = Agentish(broker, device, tmp_path, mqtt={"telemetry_interval_s": 0.1}, telemetry=figures)
+    try:
+        snapshot = {
+            "state": "degraded",
+            "boot_id": "agent-boot",
+            "device_id": device,
+            "pinning": {"process_cpus": [0, 1]},
+            "pipelines": [
+                {"name": "street", "model": "yolox_nano", "state": "running"},
+                {"name": "door", "model": "deimv2", "state": "failed"},
+            ],
+        }
+        a.rt.publish("status", snapshot)
+        status = a.mon.wait_for(lambda m: m.topic.endswith("/status") and b"degraded" in m.payload)
+        tel = a.mon.wait_count(lambda m: m.topic.endswith("/telemetry"), 2)
+    finally:
+        a.close()
+    got = StatusMessage.model_validate_json(status[-1].payload)
+    assert (got.state, got.agent_state, got.reason) == (
+        "degraded",
+        "degraded",
+        "pipelines failed: door",
+    )
+    assert got.models == ["yolox_nano"]
+    assert got.pipelines == {"street": "running", "door": "failed"}
+    assert got.pinning == {"process_cpus": [0, 1]}
+    rounds_seen = [
+        TelemetryMessage.model_validate_json(m.payload).pipelines["street"]["round"] for m in tel
+    ]
+    assert rounds_seen[:2] == [1, 2]
