@@ -24,9 +24,11 @@ import socket
 import threading
 from collections.abc import Mapping
 
-__all__ = ["NOTIFY_SOCKET_ENV", "Notifier"]
+__all__ = ["NOTIFY_SOCKET_ENV", "SEND_TIMEOUT_S", "Notifier"]
 
 NOTIFY_SOCKET_ENV = "NOTIFY_SOCKET"
+SEND_TIMEOUT_S = 2.0
+"""Longest a send waits on a full socket queue before the message is dropped (and logged)."""
 
 _log = logging.getLogger(__name__)
 
@@ -34,8 +36,9 @@ _log = logging.getLogger(__name__)
 class Notifier:
     """Sends notify messages to one socket address; thread-safe; ``close()`` frees the socket."""
 
-    def __init__(self, address: str | None) -> None:
+    def __init__(self, address: str | None, *, send_timeout_s: float = SEND_TIMEOUT_S) -> None:
         self._address = address or None
+        self._send_timeout_s = send_timeout_s
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._warned = False
@@ -85,6 +88,8 @@ class Notifier:
                     self._sock = socket.socket(
                         socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
                     )
+                    # a receiver that stops reading must not stall the agent
+                    self._sock.settimeout(self._send_timeout_s)
                 self._sock.sendto(payload, _socket_address(self._address))
             except OSError as exc:
                 if not self._warned:

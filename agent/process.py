@@ -61,6 +61,7 @@ __all__ = [
     "PipelineEntry",
     "agent_version",
     "resolve_state_dir",
+    "run_bounded",
 ]
 
 _log = logging.getLogger(__name__)
@@ -225,7 +226,8 @@ class Agent:
                 if until_finished and self._pipelines_done():
                     _log.info("every pipeline finished; stopping")
                     return
-                self.stop_event.wait(tick)
+                wait = tick if deadline is None else min(tick, deadline - time.monotonic())
+                self.stop_event.wait(max(0.0, wait))
         finally:
             self.watchdog.unregister(SUPERVISOR_WORKER)
 
@@ -420,7 +422,7 @@ class Agent:
     def _undo_all(self) -> None:
         while self._undo:
             name, undo, timeout = self._undo.pop()
-            _run_bounded(name, undo, timeout)
+            run_bounded(name, undo, timeout)
 
     def _stop_pipelines(self) -> None:
         deadline = time.monotonic() + self.config.stop_timeout_s * max(1, len(self._slots))
@@ -567,7 +569,7 @@ class Agent:
                 tmp.unlink(missing_ok=True)
 
 
-def _run_bounded(name: str, action: Callable[[], None], timeout_s: float) -> None:
+def run_bounded(name: str, action: Callable[[], None], timeout_s: float) -> None:
     """Run one stop step in a helper thread; log it if it raised or overran ``timeout_s``."""
     errors: list[BaseException] = []
 

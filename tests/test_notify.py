@@ -96,3 +96,17 @@ def test_socket_that_appears_later_is_used(
         assert notifier.status("late")
         assert recv(sock) == ["STATUS=late"]
     notifier.close()
+
+
+def test_full_receiver_queue_drops_instead_of_blocking(
+    path_socket: tuple[str, socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    address, _unread = path_socket  # bound but never read while sending
+    notifier = Notifier(address, send_timeout_s=0.05)
+    sent = 0
+    with caplog.at_level(logging.WARNING, logger="agent.notify"):
+        while sent < 10_000 and notifier.status(f"message {sent}"):
+            sent += 1
+    assert 0 < sent < 10_000  # the queue filled up: dropped after the timeout, not stuck
+    assert any("timed out" in r.getMessage() for r in caplog.records)
+    notifier.close()
