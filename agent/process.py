@@ -7,7 +7,7 @@ caller, see ``agent.configfile.load_config``):
    (affinity, NUMA memory policy, nice, SCHED_FIFO, mlockall);
 2. **state dir** — create/check the writable state directory (``$STATE_DIRECTORY`` under
    systemd);
-3. **reporting** — open the configured reporters (JSON Lines now);
+3. **reporting** — open the configured reporters (JSON Lines; MQTT with its command dispatcher);
 4. **watchdog** — start the systemd watchdog pinger (when ``WATCHDOG_USEC`` asks for it);
 5. **model store** — open the model store under the state directory;
 6. **pipelines** — build and start each pipeline; one that fails is recorded with its reason
@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from agent.config import AgentConfig
 from agent.errors import AgentError, StartupError, StateDirError, reason_code
@@ -51,6 +51,10 @@ from engines.store import DATA_PATH_ENV, ModelStore
 from pipelines.base import Pipeline, PipelineContext, ResolvedModel
 from pipelines.config import PipelineConfig
 from pipelines.errors import PipelineError, SourceOpenError
+
+if TYPE_CHECKING:
+    from agent.mqtt_config import MqttConfig
+    from agent.reporting.mqtt_runtime import MqttRuntime
 
 __all__ = [
     "SUPERVISOR_WORKER",
@@ -161,6 +165,9 @@ class Agent:
         self._stage_cpus: dict[str, frozenset[int]] = {}
         self._state_dir: Path | None = None
         self._sink: FanoutSink | None = None
+        self.mqtt: MqttRuntime | None = None
+        """The MQTT runtime when ``reporting.mqtt`` is configured: the agent registers its
+        commands in ``mqtt.registry`` (pipeline.*, model.*, agent.restart)."""
         self._store: ModelStore | None = None
         self._slots: list[_PipelineSlot] = []
         self._stopped = False
@@ -292,6 +299,12 @@ class Agent:
 
     def _open_reporting(self) -> tuple[Callable[[], None], float] | None:
         sink = open_reporting(self.config.reporting)
+        if self.config.reporting.mqtt is not None:
+            try:
+                sink = FanoutSink([*sink.sinks, self._open_mqtt(self.config.reporting.mqtt)])
+            except BaseException:
+                sink.close()
+                raise
         self._sink = sink
 
         def close() -> None:
@@ -299,6 +312,28 @@ class Agent:
             sink.close()
 
         return close, self.config.stop_timeout_s
+
+    def _open_mqtt(self, cfg: MqttConfig) -> MqttRuntime:
+        """MQTT reporter + command dispatcher (durable outbox under the state directory); it
+        joins the fan-out sink, and ``publish("status", ...)`` keeps its retained status."""
+        from agent.reporting.mqtt_runtime import open_mqtt  # noqa: PLC0415
+
+        if self._state_dir is None:
+            raise StartupError("MQTT opened before the state directory — a bug")
+        runtime = open_mqtt(
+            cfg,
+            device_id=self.config.device_id,
+            state_dir=self._state_dir,
+            version=self.version,
+            boot_id=self.boot_id,
+            status=self.status,
+            config=lambda: self.config,
+            telemetry=lambda: {p["name"]: p["status"] for p in self.status()["pipelines"]},
+            environ=self._env,
+        )
+        runtime.start()
+        self.mqtt = runtime
+        return runtime
 
     def _start_watchdog(self) -> tuple[Callable[[], None], float] | None:
         self.watchdog.start(self.stop_event)
