@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -13,54 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from notify_support import NotifyListener
 
 from agent.config import AgentConfig
 from agent.errors import ReportingError, StateDirError
 from agent.process import SUPERVISOR_WORKER, Agent, resolve_state_dir, run_bounded
 from pipelines.config import VisionPipelineConfig
-
-
-class NotifyListener:
-    """A bound notify socket read by a thread (like systemd), collecting every message."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(address)
-        self._sock.settimeout(0.1)
-        self._messages: list[list[str]] = []
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._done.is_set():
-            try:
-                data = self._sock.recv(4096)
-            except TimeoutError:
-                continue
-            with self._lock:
-                self._messages.append(data.decode().split("\n"))
-
-    def take(self, last: str) -> list[list[str]]:
-        """Messages up to and including the first one starting with ``last`` (waits for it)."""
-        deadline = time.monotonic() + 30
-        while True:
-            with self._lock:
-                ends = [i for i, m in enumerate(self._messages) if m[0].startswith(last)]
-                if ends:
-                    out = self._messages[: ends[0] + 1]
-                    del self._messages[: ends[0] + 1]
-                    return out
-            if time.monotonic() > deadline:
-                pytest.fail(f"no notify message {last!r} within 30 s")
-            time.sleep(0.01)
-
-    def close(self) -> None:
-        self._done.set()
-        self._thread.join()
-        self._sock.close()
 
 
 @pytest.fixture
