@@ -89,13 +89,15 @@ def _is_bare_key(name: str) -> bool:
 # Loading
 
 
-def load_config(path: Path | None, *, default_path: Path = DEFAULT_CONFIG_PATH) -> AgentConfig:
+def load_config(path: Path | None, *, default_path: Path | None = None) -> AgentConfig:
     """The config to run with.
 
-    ``path`` given: that file, which must exist and validate. ``path`` None: ``default_path`` if
-    it exists, else the embedded defaults.
+    ``path`` given: that file, which must exist and validate. ``path`` None: ``default_path``
+    (``DEFAULT_CONFIG_PATH``, /etc/edge-agent/agent.toml) if it exists, else the embedded
+    defaults (``agent.defaults.default_config()``).
     """
     if path is None:
+        default_path = DEFAULT_CONFIG_PATH if default_path is None else default_path
         if not default_path.exists():
             return _embedded_defaults()
         path = default_path

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from notify_support import NotifyListener
 
+from agent import configfile
+from agent.cli import main
 from agent.pinning import allowed_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,3 +339,25 @@ def test_state_dir_without_permission(tmp_path: Path, agents: list[AgentProcess]
     config = write_config(tmp_path, state=locked / "state")
     agent = start(agents, ["run", "--config", str(config)], base_env(), prefix=unprivileged())
     assert_one_error_line(agent, "state_dir_unusable", "Permission denied", "set state_dir")
+
+
+def test_embedded_defaults_run_the_street_pipeline(
+    tmp_path: Path,
+    models_dir: Path,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # in-process, so the default config path can point at a file that does not exist
+    monkeypatch.setattr(configfile, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    monkeypatch.setenv("EDGE_AGENT_MODEL_PATH", str(models_dir))
+    monkeypatch.setenv("EDGE_AGENT_DATA_PATH", str(data_dir))
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    assert main(["run", "--frames", "2"]) == 0
+    messages = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    detections = [m for m in messages if m["topic"] == "vision/street/detections"]
+    assert len(detections) == 2
+    status = json.loads((tmp_path / "state" / "status.json").read_text())
+    assert [p["model"] for p in status["pipelines"]] == ["yolox_nano_416"]

@@ -183,6 +183,21 @@ def test_example_config_validates() -> None:
     assert config.pipelines
 
 
+def test_example_commented_mqtt_block_validates(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    begin = text.index("# --- mqtt example begin\n")
+    end = text.index("# --- mqtt example end\n")
+    block = text[begin:end].splitlines()[1:]
+    assert block
+    assert all(line.startswith("# ") for line in block)
+    enabled = text[:begin] + "\n".join(line[2:] for line in block) + "\n" + text[end:]
+    path = write(tmp_path, enabled)
+    assert check_config_file(path) == []
+    config = load_config(path)
+    assert config.reporting.mqtt is not None
+    assert config.reporting.mqtt.host == "broker.example.net"
+
+
 def _properties_without_description(node: Any, where: str) -> list[str]:
     missing: list[str] = []
     if isinstance(node, dict):
