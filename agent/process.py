@@ -572,12 +572,7 @@ class Agent:
             self._state = state
             snapshot = self.status()
         _log.info("agent %s", text)
-        if ready:
-            self._notifier.ready(text)
-        elif state == "stopping":
-            self._notifier.stopping(text)
-        else:
-            self._notifier.status(text)
+        # status.json and the status topic first: whoever sees READY=1 finds them up to date
         self._write_status_file(snapshot)
         sink = self._sink
         if sink is not None:
@@ -585,6 +580,12 @@ class Agent:
                 sink.publish("status", dict(snapshot))
             except PipelineError as exc:
                 _log.warning("could not publish status: %s", exc)
+        if ready:
+            self._notifier.ready(text)
+        elif state == "stopping":
+            self._notifier.stopping(text)
+        else:
+            self._notifier.status(text)
 
     def _write_status_file(self, snapshot: AgentStatus) -> None:
         if self._state_dir is None:
