@@ -29,6 +29,7 @@ latency histograms, frame rates and drop counters are in ``status()``.
 
 from __future__ import annotations
 
+import enum
 import logging
 import queue
 import threading
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy.typing as npt
+from pydantic import ValidationError
 
 from engines.affinity import format_cpulist, pin_current_thread
 from engines.base import TensorEngine, Ticket
@@ -57,7 +59,7 @@ from pipelines.vision.results import (
 )
 from pipelines.vision.sources import CaptureLink, Frame, FrameHub, FrameSource
 
-__all__ = ["VisionPipeline"]
+__all__ = ["KEEP", "VisionPipeline"]
 
 _log = logging.getLogger(__name__)
 
@@ -66,6 +68,14 @@ _POLL_S = 0.25
 
 State = Literal["created", "running", "finished", "stopping", "stopped", "failed"]
 LATENCY_STAGES = ("wait", "preprocess", "inference", "postprocess", "sink", "end_to_end")
+
+
+class _Keep(enum.Enum):
+    KEEP = "keep"
+
+
+KEEP = _Keep.KEEP
+"""``VisionPipeline.update`` argument default: leave this setting as it is."""
 
 
 @dataclass
@@ -274,6 +284,7 @@ class VisionPipeline:
                 "sink_errors": counters["sink_errors"],
             },
             "reconnects": sum(s["reconnects"] for s in sources),
+            "settings": self.settings(),
             "latency_ms": {k: h.summary_ms() for k, h in self._latency.items()},
             "cpu_ms": {k: h.summary_ms() for k, h in self._cpu.items()},
             "queues": {
@@ -285,6 +296,63 @@ class VisionPipeline:
         }
 
     # -- commands --------------------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        """The live-adjustable settings now in force (see ``update``)."""
+        cfg = self.config
+        caps = {s.name: s.config.fps_cap for s in self._sources}
+        return {
+            "score_threshold": cfg.score_threshold,
+            "nms_iou": cfg.nms_iou,
+            "classes": None if cfg.classes is None else list(cfg.classes),
+            "fps_cap": caps,
+        }
+
+    def update(
+        self,
+        *,
+        score_threshold: float | _Keep = KEEP,
+        nms_iou: float | _Keep = KEEP,
+        classes: Sequence[str | int] | _Keep | None = KEEP,
+        fps_cap: float | _Keep | None = KEEP,
+    ) -> dict[str, Any]:
+        """Change settings of the running pipeline; each takes effect with the next batch
+        decoded (thresholds, classes) or the next frame read (``fps_cap``, every source;
+        ``None`` removes the cap). Checked by the config's own rules first: a bad value raises
+        ``PipelineConfigError`` and nothing changes. Thread-safe; returns ``settings()``."""
+        changes: dict[str, Any] = {}
+        if not isinstance(score_threshold, _Keep):
+            changes["score_threshold"] = score_threshold
+        if not isinstance(nms_iou, _Keep):
+            changes["nms_iou"] = nms_iou
+        if not isinstance(classes, _Keep):
+            changes["classes"] = None if classes is None else list(classes)
+        with self._lock:
+            data = self.config.model_dump()
+            data.update(changes)
+            if not isinstance(fps_cap, _Keep):
+                data["sources"] = [{**src, "fps_cap": fps_cap} for src in data["sources"]]
+            try:
+                config = type(self.config).model_validate(data)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err.get("loc", ()))
+                raise PipelineConfigError(
+                    f"pipeline {self.name}: {where}: {err.get('msg', 'invalid')}"
+                ) from exc
+            params = DecodeParams(
+                score_threshold=config.score_threshold,
+                nms_iou=config.nms_iou,
+                max_detections=config.max_detections,
+                class_allowlist=_allowlist(config.classes, self._labels),
+            )
+            self.config = config
+            self._params = params  # one reference swap: the decoder reads it once per batch
+            if not isinstance(fps_cap, _Keep):
+                for source, src_cfg in zip(self._sources, config.sources, strict=True):
+                    source.config = src_cfg
+        _log.info("pipeline %s: settings changed: %s", self.name, changes or {"fps_cap": fps_cap})
+        return self.settings()
 
     def request_snapshot(self, source: str | None = None) -> None:
         """Attach a base64 JPEG of the next processed frame (of ``source``, or of any source)
@@ -497,7 +565,8 @@ class VisionPipeline:
             try:
                 if batch.outputs is None:  # pragma: no cover - set by the inference stage
                     continue
-                batch.detections = self._decoder.decode(batch.outputs, batch.metas, self._params)
+                params = self._params  # read once: update() may swap it
+                batch.detections = self._decoder.decode(batch.outputs, batch.metas, params)
             except PipelineError as exc:
                 self._counters.add("postprocess_errors")
                 _log.error("pipeline %s: decoding failed, batch dropped: %s", self.name, exc)
