@@ -10,11 +10,11 @@ All three variants run yolox_nano_416 on ONNX Runtime's CPU provider over ``bike
 (c) **pipeline** — ``build_pipeline`` + ``VisionPipeline`` (policy ``all``), results through the
     agent's real ``JsonlSink`` into a file.
 
-(b) and (c) alternate for ``--rounds`` rounds of ``--round-frames`` frames; the throughput ratio
-quoted is of the medians measured in this one run. Then ``latest`` with the file paced at its
-own 25 FPS (like a camera) gives the end-to-end latency p50/p99, and finally one long ``all``
-run of ``--frames`` frames (default 10,000) samples the process RSS to measure its growth
-after warm-up.
+(a), (b) and (c) alternate for ``--rounds`` rounds (``--engine-frames`` / ``--round-frames``
+frames each); every figure quoted is the median round of this one run. Then ``latest`` with
+the file paced at its own 25 FPS (like a camera) gives the end-to-end latency p50/p99, and
+finally one long ``all`` run of ``--frames`` frames (default 10,000) samples the process RSS
+to measure its growth after warm-up.
 
 CPU cost: the pipeline's preprocess and postprocess (decode + NMS) threads measure their own
 thread CPU time per frame; it is compared with the engine-only inference time per frame of (a).
@@ -421,7 +421,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=10_000, help="frames of the RSS run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating (b)/(c) rounds")
     parser.add_argument("--round-frames", type=int, default=500, help="frames per round")
-    parser.add_argument("--engine-frames", type=int, default=300, help="frames of (a)")
+    parser.add_argument("--engine-frames", type=int, default=200, help="frames of (a) per round")
     parser.add_argument("--latest-frames", type=int, default=500, help="frames of the latest run")
     parser.add_argument(
         "--no-spin", action="store_true", help="pipeline engine: ORT allow_spinning off"
@@ -438,18 +438,19 @@ def main() -> int:
     load_start = os.getloadavg()
     print(f"loadavg at start: {load_start}")
 
-    engine = bench_engine(args.engine_frames)
-    print(f"(a) engine only: {engine['fps']:.1f} FPS, infer p50 {engine['infer_ms']['p50']:.2f} ms")
-    serial_runs, pipeline_runs = [], []
+    engine_runs, serial_runs, pipeline_runs = [], [], []
     for round_index in range(args.rounds):
+        engine_runs.append(bench_engine(args.engine_frames))
         serial = bench_serial(args.round_frames, scratch / "serial.jsonl", labels)
         serial_runs.append(serial)
         piped = run_pipeline("all", args.round_frames, scratch / "pipeline.jsonl", spin=spin)
         pipeline_runs.append(piped)
         print(
-            f"round {round_index + 1}: (b) serial {serial['fps']:.1f} FPS, "
-            f"(c) pipeline {piped['fps']:.1f} FPS"
+            f"round {round_index + 1}: (a) engine {engine_runs[-1]['fps']:.1f} FPS, "
+            f"(b) serial {serial['fps']:.1f} FPS, (c) pipeline {piped['fps']:.1f} FPS, "
+            f"loadavg {os.getloadavg()[0]:.2f}"
         )
+    engine = sorted(engine_runs, key=lambda r: r["fps"])[len(engine_runs) // 2]
     serial_fps = statistics.median(r["fps"] for r in serial_runs)
     pipeline_fps = statistics.median(r["fps"] for r in pipeline_runs)
     best_all = sorted(pipeline_runs, key=lambda r: r["fps"])[len(pipeline_runs) // 2]
@@ -488,6 +489,7 @@ def main() -> int:
         "loadavg_end": list(load_end),
         "allow_spinning": spin,
         "engine": engine,
+        "engine_rounds": engine_runs,
         "serial_rounds": serial_runs,
         "pipeline_rounds": pipeline_runs,
         "serial_fps_median": serial_fps,
