@@ -68,7 +68,22 @@ def test_all_policy_bounded_run_gives_every_frame_in_order(
         "street/postprocess",
         "street/sink",
     } <= workers
+    beating = threading.Event()
+    seen: set[str] = set()
+
+    def all_beating() -> None:
+        # every worker beats every loop: each one is seen with more than its first beat
+        while not beating.is_set():
+            state = watchdog.status()["workers"]
+            seen.update(w for w in workers if state.get(w, {"beats": 0})["beats"] > 1)
+            if seen == workers:
+                beating.set()
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=all_beating, daemon=True)
+    watcher.start()
     assert pipeline.finished.wait(60), pipeline.status()
+    assert beating.wait(5), workers - seen
     messages = sink.messages("street")
     assert len(messages) == n
     assert [m["frame_index"] for m in messages] == list(range(n))
@@ -91,9 +106,12 @@ def test_all_policy_bounded_run_gives_every_frame_in_order(
         summary = status["latency_ms"][stage]
         assert summary["count"] == n
         assert summary["p50"] <= summary["p95"] <= summary["p99"] <= summary["max"]
-    # every worker beat more than once (they beat every loop)
-    beats = watchdog.status()["workers"]
-    assert all(beats[w]["beats"] > 1 for w in workers if w.startswith("street/"))
+    # a finished run's workers end and unregister: none is left to go stale in the watchdog
+    deadline = time.monotonic() + STOP_S
+    while any(w.startswith("street/") for w in watchdog.status()["workers"]):
+        assert time.monotonic() < deadline, watchdog.status()
+        time.sleep(0.05)
+    assert watchdog.stale_workers() == []
 
 
 def test_latest_policy_drops_stale_frames_under_a_slow_sink(

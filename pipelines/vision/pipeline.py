@@ -198,7 +198,8 @@ class VisionPipeline:
         interval = cfg.heartbeat_interval_s
         for slot, source in enumerate(self._sources):
             worker = f"{self.name}/capture/{source.name}"
-            self._register(worker, interval)
+            # a stream open/read may block up to its timeout: never report that as a hang
+            self._register(worker, max(interval, source.max_block_s() + 2.0))
             link = CaptureLink(self._hub, slot, self._capture_stop, self._ctx.heartbeats, worker)
             source.start(link, self._pinner(cfg.stages.capture, worker))
         self._spawn("preprocess", cfg.stages.preprocess, self._preprocess_loop)
@@ -394,6 +395,9 @@ class VisionPipeline:
             except Exception as exc:  # noqa: BLE001 - thread top level: fail the pipeline, not the agent
                 _log.exception("pipeline %s: %s worker failed", self.name, role)
                 self._fail(f"{role}: {type(exc).__name__}: {exc}")
+            finally:
+                # a worker that ended stops promising beats; only a hung one goes stale
+                self._ctx.heartbeats.unregister(worker)
 
         thread = threading.Thread(target=run, name=worker, daemon=True)
         self._threads.append(thread)

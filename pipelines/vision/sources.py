@@ -239,6 +239,11 @@ class FrameSource(abc.ABC):
     def describe(self) -> str:
         return self.name
 
+    def max_block_s(self) -> float:
+        """Longest a single open or read may block (the capture worker's heartbeat must allow
+        for it)."""
+        return 0.0
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def check(self) -> None:  # noqa: B027 - optional hook, most sources need no check
@@ -303,6 +308,8 @@ class FrameSource(abc.ABC):
                 self._capture = None
             if self._state not in ("finished", "failed"):
                 self._set_state("stopped")
+            # a thread that ended stops promising beats; only a hung one goes stale
+            link.heartbeats.unregister(link.worker)
 
     def _loop(self, link: CaptureLink) -> None:
         attempt = 0
@@ -505,6 +512,9 @@ class StreamSource(FrameSource):
     def __init__(self, name: str, config: StreamSourceConfig, *, seed: int | None = None) -> None:
         super().__init__(name, config, seed=seed)
         self.stream_config = config
+
+    def max_block_s(self) -> float:
+        return max(self.stream_config.open_timeout_s, self.stream_config.read_timeout_s)
 
     def describe(self) -> str:
         # never show credentials embedded in the URL
