@@ -11,9 +11,12 @@ and a one-line message that names the file or setting and the fix. Errors from t
     ├── ModelLoadError                model_load_failed
     │                             ├── ModelFileError      model_file_unreadable
     │                             ├── ModelFormatError    model_format_invalid
+    │                             ├── ModelUnsupportedError model_unsupported  (a GGUF type
+    │                             │                       this llama.cpp build cannot load)
     │                             └── PlanCompatibilityErrorplan_incompatible
     ├── InferenceError            inference_failed        the runtime failed during a call
-    │                             └── InputSpecError      input_spec_mismatch
+    │                             ├── InputSpecError      input_spec_mismatch
+    │                             └── InferenceAbortedError inference_aborted (abort() asked)
     ├── EngineClosedError         engine_closed           used after close()
     ├── PlanBuildError            plan_build_failed       ONNX -> plan build failed
     ├── AffinityError             affinity_failed         a thread could not be pinned to its CPUs
@@ -35,6 +38,7 @@ __all__ = [
     "EngineClosedError",
     "EngineError",
     "EngineUnavailableError",
+    "InferenceAbortedError",
     "InferenceError",
     "InputSpecError",
     "ManifestError",
@@ -43,6 +47,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelStoreError",
+    "ModelUnsupportedError",
     "PlanBuildError",
     "PlanCompatibilityError",
     "ProviderError",
@@ -75,6 +80,10 @@ class ModelFormatError(ModelLoadError):
     reason = "model_format_invalid"
 
 
+class ModelUnsupportedError(ModelLoadError):
+    reason = "model_unsupported"
+
+
 class PlanCompatibilityError(ModelLoadError):
     reason = "plan_incompatible"
 
@@ -85,6 +94,10 @@ class InferenceError(EngineError):
 
 class InputSpecError(InferenceError):
     reason = "input_spec_mismatch"
+
+
+class InferenceAbortedError(InferenceError):
+    reason = "inference_aborted"
 
 
 class EngineClosedError(EngineError):

@@ -14,10 +14,8 @@ import argparse
 import hashlib
 import json
 import os
-import struct
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,9 +27,11 @@ from engines.errors import (
     ModelFileError,
     ModelFormatError,
 )
+from engines.gguf import FILE_TYPES as GGUF_FILE_TYPES
+from engines.gguf import read_gguf_header
 from engines.store import ModelStore
 
-__all__ = ["describe_file", "read_gguf_header", "register"]
+__all__ = ["GGUF_FILE_TYPES", "describe_file", "read_gguf_header", "register"]
 
 EPILOG = """\
 Examples:
@@ -287,99 +287,6 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ info
-
-
-GGUF_TYPES: dict[int, str] = {
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-    12: "<d",
-}  # fmt: skip
-"""GGUF value types with a fixed size (8 = string, 9 = array are handled apart)."""
-
-GGUF_FILE_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-    17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
-}  # fmt: skip
-"""``general.file_type`` values (llama.cpp's ``llama_ftype``) of the common quantizations."""
-
-_GGUF_STRING_MAX = 1 << 24
-_GGUF_COUNT_MAX = 1 << 24
-
-
-@dataclass
-class GgufHeader:
-    """The fixed header and the scalar key/values of a GGUF file (arrays: their length)."""
-
-    version: int
-    tensor_count: int
-    kv_count: int
-    values: dict[str, Any] = field(default_factory=dict)
-
-
-class _Reader:
-    def __init__(self, stream: IO[bytes], path: Path, version: int) -> None:
-        self._f = stream
-        self._path = path
-        self._len_fmt = "<I" if version == 1 else "<Q"
-
-    def unpack(self, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        data = self._f.read(size)
-        if len(data) != size:
-            raise ModelFormatError(
-                f"{self._path}: GGUF header ends early (truncated file?); get the file again"
-            )
-        return struct.unpack(fmt, data)[0]
-
-    def count(self) -> int:
-        n = int(self.unpack(self._len_fmt))
-        if n > _GGUF_COUNT_MAX:
-            raise ModelFormatError(f"{self._path}: GGUF count {n} is implausible (corrupt file?)")
-        return n
-
-    def string(self) -> str:
-        n = int(self.unpack(self._len_fmt))
-        if n > _GGUF_STRING_MAX:
-            raise ModelFormatError(f"{self._path}: GGUF string of {n} bytes (corrupt file?)")
-        data = self._f.read(n)
-        if len(data) != n:
-            raise ModelFormatError(
-                f"{self._path}: GGUF header ends early (truncated file?); get the file again"
-            )
-        return data.decode("utf-8", errors="replace")
-
-    def value(self, kind: int) -> Any:
-        if kind in GGUF_TYPES:
-            return self.unpack(GGUF_TYPES[kind])
-        if kind == 8:
-            return self.string()
-        if kind == 9:
-            inner = int(self.unpack("<I"))
-            n = self.count()
-            for _ in range(n):
-                self.value(inner)
-            return f"[{n} items]"
-        raise ModelFormatError(f"{self._path}: unknown GGUF value type {kind} (corrupt file?)")
-
-
-def read_gguf_header(path: Path) -> GgufHeader:
-    """Read a GGUF file's header: magic, version, tensor count, key/value count and values.
-
-    Layout (ggml's gguf.md): ``GGUF`` magic, uint32 version, then tensor count and key/value
-    count (uint64; uint32 in version 1), then each key (string) with a uint32 type and value.
-    """
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ModelFormatError(f"{path} is not a GGUF file (no GGUF magic)")
-        version = struct.unpack("<I", f.read(4).ljust(4, b"\0"))[0]
-        if version not in (1, 2, 3):
-            raise ModelFormatError(f"{path}: GGUF version {version} is not supported (1-3)")
-        reader = _Reader(f, path, version)
-        header = GgufHeader(version, reader.count(), reader.count())
-        for _ in range(header.kv_count):
-            key = reader.string()
-            header.values[key] = reader.value(int(reader.unpack("<I")))
-    return header
 
 
 def _describe_onnx(path: Path) -> list[str]:
