@@ -40,6 +40,7 @@ __all__ = [
     "ConfigProblem",
     "KeyPath",
     "check_config_file",
+    "embedded_defaults_apply",
     "format_key_path",
     "key_lines",
     "load_config",
@@ -106,6 +107,12 @@ def load_config(path: Path | None, *, default_path: Path | None = None) -> Agent
     if config is None:
         raise ConfigValidationError(str(path), [p.format() for p in problems])
     return config
+
+
+def embedded_defaults_apply(path: Path | None) -> bool:
+    """True when ``load_config(path)`` runs on the embedded defaults (no file given, and no
+    file at the default path)."""
+    return path is None and not DEFAULT_CONFIG_PATH.exists()
 
 
 def _embedded_defaults() -> AgentConfig:

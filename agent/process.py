@@ -24,10 +24,25 @@ that failed or finished, and returns when the stop event is set (SIGTERM/SIGINT,
 
 Status (``Agent.status()``) is written atomically to ``<state_dir>/status.json`` and published
 on the ``status`` topic at every state change.
+
+Remote control (MQTT commands, registered in the reporting step before the MQTT runtime starts,
+see ``agent.control``): ``start_pipeline`` / ``stop_pipeline`` / ``update_pipeline``,
+``load_model`` / ``unload_model`` and ``request_restart``. One control lock serialises them (a
+second one meanwhile answers ``busy``/``control_busy``); changes apply to the running agent and
+its in-memory config (``config.get``), never to the config file: a restart returns to the file.
+``request_restart`` stops the agent gracefully and makes ``run_agent`` exit with
+``RESTART_EXIT_STATUS`` (75): a non-zero status, so systemd's ``Restart=on-failure`` starts the
+agent again after ``RestartSec``. (A re-exec would keep the PID but would have to re-do the
+``Type=notify`` start handshake inside a running unit; a clean exit does not.)
+
+Local broker: with ``local_broker=True`` (``edge-agent run`` on the embedded defaults) and no
+``reporting.mqtt``, the reporting step starts a private mosquitto on 127.0.0.1 when the binary
+exists (``agent.reporting.local_broker``) and reports to it; it is stopped with the reporting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,14 +50,17 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
+from pydantic import ValidationError
+
+from agent.commands.registry import CommandError, CommandRegistry
 from agent.config import AgentConfig
-from agent.errors import AgentError, StartupError, StateDirError, reason_code
+from agent.errors import AgentError, ReportingError, StartupError, StateDirError, reason_code
 from agent.health import Watchdog, watchdog_interval_s
 from agent.notify import Notifier
 from agent.reporting import FanoutSink, open_reporting
@@ -50,13 +68,15 @@ from engines.errors import EngineError
 from engines.store import DATA_PATH_ENV, ModelStore
 from pipelines.base import Pipeline, PipelineContext, ResolvedModel
 from pipelines.config import PipelineConfig
-from pipelines.errors import PipelineError, SourceOpenError
+from pipelines.errors import PipelineConfigError, PipelineError, SourceOpenError
 
 if TYPE_CHECKING:
     from agent.mqtt_config import MqttConfig
+    from agent.reporting.local_broker import LocalBroker
     from agent.reporting.mqtt_runtime import MqttRuntime
 
 __all__ = [
+    "RESTART_EXIT_STATUS",
     "SUPERVISOR_WORKER",
     "Agent",
     "AgentState",
@@ -74,6 +94,16 @@ AgentState = Literal["starting", "ready", "degraded", "stopping", "stopped"]
 
 SUPERVISOR_WORKER = "agent.supervisor"
 """Name of the agent's own critical worker in the watchdog registry."""
+
+RESTART_EXIT_STATUS = 75
+"""Exit status after an ``agent.restart`` command (EX_TEMPFAIL): non-zero, so the unit's
+``Restart=on-failure`` starts the agent again."""
+
+Progress = Callable[[float, str], None]
+"""``progress(fraction, message)`` of a long command (``CommandContext.progress``)."""
+
+_CONTROL_WAIT_S = 1.0
+"""How long a control command waits for another one to finish before answering busy."""
 
 _TERMINAL_PIPELINE_STATES = frozenset({"finished", "failed", "stopped"})
 _STATUS_FILE = "status.json"
@@ -148,6 +178,7 @@ class Agent:
         *,
         environ: Mapping[str, str] | None = None,
         notifier: Notifier | None = None,
+        local_broker: bool = False,
     ) -> None:
         self.config = config
         self._env: Mapping[str, str] = dict(os.environ if environ is None else environ)
@@ -172,6 +203,14 @@ class Agent:
         self._slots: list[_PipelineSlot] = []
         self._stopped = False
         self._frozen_logged = False
+        self.exit_status = 0
+        """What ``run_agent`` exits with: 0, or ``RESTART_EXIT_STATUS`` after agent.restart."""
+        self._local_broker_wanted = local_broker
+        self.local_broker: LocalBroker | None = None
+        """The private mosquitto started for this run (``local_broker=True``), if any."""
+        self._command_hooks: list[Callable[[CommandRegistry], None]] = []
+        self._control = threading.Lock()
+        self._control_closed = False
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -297,21 +336,65 @@ class Agent:
         self._write_status_file(self.status())
         return None
 
+    def add_command_hook(self, hook: Callable[[CommandRegistry], None]) -> None:
+        """More MQTT commands (e.g. ``llm.*``): ``hook(registry)`` runs in the reporting step,
+        after the agent's own commands are registered and before the MQTT runtime starts, so
+        no command ever meets a registry without them. Call before ``start()``."""
+        if self._sink is not None or self._stopped:
+            raise StartupError("add_command_hook() must be called before Agent.start()")
+        self._command_hooks.append(hook)
+
     def _open_reporting(self) -> tuple[Callable[[], None], float] | None:
         sink = open_reporting(self.config.reporting)
-        if self.config.reporting.mqtt is not None:
-            try:
-                sink = FanoutSink([*sink.sinks, self._open_mqtt(self.config.reporting.mqtt)])
-            except BaseException:
-                sink.close()
-                raise
+        broker: LocalBroker | None = None
+        try:
+            mqtt = self.config.reporting.mqtt
+            if mqtt is None and self._local_broker_wanted:
+                broker = self._start_local_broker()
+                if broker is not None:
+                    mqtt = broker.mqtt_config()
+                    reporting = self.config.reporting.model_copy(update={"mqtt": mqtt})
+                    self.config = self.config.model_copy(update={"reporting": reporting})
+            if mqtt is not None:
+                sink = FanoutSink([*sink.sinks, self._open_mqtt(mqtt)])
+        except BaseException:
+            sink.close()
+            if broker is not None:
+                broker.stop()
+            raise
         self._sink = sink
 
         def close() -> None:
             self._sink = None
-            sink.close()
+            try:
+                sink.close()
+            finally:
+                if broker is not None:
+                    broker.stop()
 
         return close, self.config.stop_timeout_s
+
+    def _start_local_broker(self) -> LocalBroker | None:
+        """A private mosquitto on 127.0.0.1 when the binary exists; None (logged) if not."""
+        from agent.reporting.local_broker import LocalBroker, find_mosquitto  # noqa: PLC0415
+
+        binary = find_mosquitto(self._env)
+        if binary is None:
+            _log.info(
+                "no mosquitto binary found: no local MQTT broker (install mosquitto to see the "
+                "results on one); results go to the other reporters only"
+            )
+            return None
+        if self._state_dir is None:
+            raise StartupError("local broker started before the state directory — a bug")
+        broker = LocalBroker(binary, device_id=self.config.device_id, state_dir=self._state_dir)
+        try:
+            broker.start()
+        except ReportingError as exc:
+            _log.warning("local MQTT broker not started: %s; MQTT reporting off", exc)
+            return None
+        self.local_broker = broker
+        return broker
 
     def _open_mqtt(self, cfg: MqttConfig) -> MqttRuntime:
         """MQTT reporter + command dispatcher (durable outbox under the state directory); it
@@ -328,9 +411,18 @@ class Agent:
             boot_id=self.boot_id,
             status=self.status,
             config=lambda: self.config,
-            telemetry=lambda: {p["name"]: p["status"] for p in self.status()["pipelines"]},
+            telemetry=self.telemetry,
             environ=self._env,
         )
+        try:
+            from agent.control import register_agent_commands  # noqa: PLC0415
+
+            register_agent_commands(runtime.registry, self)
+            for hook in self._command_hooks:
+                hook(runtime.registry)
+        except BaseException:
+            runtime.close()
+            raise
         runtime.start()
         self.mqtt = runtime
         return runtime
@@ -461,6 +553,13 @@ class Agent:
 
     def _stop_pipelines(self) -> None:
         deadline = time.monotonic() + self.config.stop_timeout_s * max(1, len(self._slots))
+        # no control command may start a pipeline any more; wait for a running one to end
+        locked = self._control.acquire(timeout=self.config.stop_timeout_s)
+        self._control_closed = True
+        if locked:
+            self._control.release()
+        else:
+            _log.warning("a pipeline/model command is still running; stopping pipelines anyway")
         for slot in reversed(self._slots):
             if slot.pipeline is not None:
                 self._stop_pipeline(slot, max(0.1, deadline - time.monotonic()))
@@ -494,13 +593,14 @@ class Agent:
     def _supervise_pipelines(self) -> None:
         changed = False
         for slot in self._slots:
-            if slot.pipeline is None:
-                continue
-            state = str(self._pipeline_status(slot).get("state", "unknown"))
-            if state != slot.last_state:
-                _log.info("pipeline %s: %s -> %s", slot.config.name, slot.last_state, state)
-                slot.last_state = state
-                changed = True
+            with self._lock:  # control commands swap slot.pipeline under this lock
+                if slot.pipeline is None:
+                    continue
+                state = str(self._pipeline_status(slot).get("state", "unknown"))
+                if state != slot.last_state:
+                    _log.info("pipeline %s: %s -> %s", slot.config.name, slot.last_state, state)
+                    slot.last_state = state
+                    changed = True
         if not changed or self._state not in ("ready", "degraded"):
             return
         failed = [s.config.name for s in self._slots if s.last_state == "failed"]
@@ -523,6 +623,221 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - status of one pipeline must not break others
             _log.warning("status of pipeline %s failed: %s", slot.config.name, exc)
             return {"state": "unknown", "status_error": str(exc)}
+
+    # ------------------------------------------------------------------ control (commands)
+    @contextlib.contextmanager
+    def _controlling(self, what: str) -> Iterator[None]:
+        if not self._control.acquire(timeout=_CONTROL_WAIT_S):
+            raise CommandError(
+                "control_busy",
+                f"another pipeline/model command is running; retry {what} later with a new "
+                "command_id",
+                status="busy",
+            )
+        try:
+            self._check_not_stopping(what)
+            yield
+        finally:
+            self._control.release()
+
+    def _check_not_stopping(self, what: str) -> None:
+        if self._control_closed or self.stop_event.is_set():
+            raise CommandError("agent_stopping", f"the agent is stopping: {what} not done")
+
+    def _slot(self, name: str) -> _PipelineSlot:
+        for slot in self._slots:
+            if slot.config.name == name:
+                return slot
+        known = ", ".join(s.config.name for s in self._slots) or "none configured"
+        raise CommandError("pipeline_unknown", f"no pipeline {name!r} (pipelines: {known})")
+
+    def _running(self, slot: _PipelineSlot) -> bool:
+        return slot.pipeline is not None and slot.last_state not in _TERMINAL_PIPELINE_STATES
+
+    def _set_pipeline_config(self, slot: _PipelineSlot, config: PipelineConfig) -> None:
+        """Keep ``slot.config`` and the agent's in-memory config (``config.get``) in step."""
+        with self._lock:
+            slot.config = config
+            self.config = self.config.model_copy(
+                update={"pipelines": [s.config for s in self._slots]}
+            )
+
+    def _refresh_state(self, text: str) -> None:
+        """Publish the status after a control change (ready <-> degraded)."""
+        with self._lock:
+            if self._state not in ("ready", "degraded"):
+                return
+            failed = any(s.error is not None or s.last_state == "failed" for s in self._slots)
+        self._set_state("degraded" if failed else "ready", text)
+
+    def _build(self, config: PipelineConfig) -> Pipeline:
+        from pipelines.factory import build_pipeline  # noqa: PLC0415
+
+        return build_pipeline(config, self._pipeline_context())
+
+    def _launch(self, slot: _PipelineSlot, pipeline: Pipeline, config: PipelineConfig) -> None:
+        """Start a built ``pipeline`` in ``slot``; on failure record it in the slot (the agent
+        runs degraded), release the pipeline and raise."""
+        try:
+            self._check_not_stopping(f"pipeline {config.name} start")
+        except CommandError:
+            pipeline.stop(self.config.stop_timeout_s)
+            raise
+        with self._lock:
+            slot.pipeline, slot.error, slot.last_state = pipeline, None, "starting"
+        self._set_pipeline_config(slot, config)
+        try:
+            pipeline.start(self.stop_event)
+        except Exception as exc:
+            self._record_pipeline_failure(slot, exc)
+            raise
+        with self._lock:
+            slot.last_state = "running"
+        _log.info("pipeline %s started (model %s)", config.name, config.model)
+
+    def _halt(self, slot: _PipelineSlot) -> None:
+        """Stop the slot's pipeline (its engine is released) and mark it stopped."""
+        self._stop_pipeline(slot, self.config.stop_timeout_s)
+        with self._lock:
+            slot.pipeline, slot.error, slot.last_state = None, None, "stopped"
+
+    def start_pipeline(self, name: str, progress: Progress | None = None) -> dict[str, Any]:
+        """``pipeline.start``: build (load the model) and start a stopped or failed pipeline;
+        a running one is left alone (``changed: false``)."""
+        with self._controlling(f"pipeline.start {name}"):
+            slot = self._slot(name)
+            if self._running(slot):
+                return {"pipeline": name, "state": slot.last_state, "changed": False}
+            if slot.pipeline is not None:  # finished or failed at run time: release it first
+                self._halt(slot)
+            if progress is not None:
+                progress(0.1, f"building pipeline {name} (model {slot.config.model})")
+            try:
+                pipeline = self._build(slot.config)
+            except Exception as exc:
+                with self._lock:
+                    slot.error, slot.last_state = exc, "failed"
+                self._refresh_state(f"pipeline {name} failed to start")
+                raise
+            if progress is not None:
+                progress(0.8, f"pipeline {name} built; starting")
+            try:
+                self._launch(slot, pipeline, slot.config)
+            finally:
+                self._refresh_state(f"pipeline {name} start")
+        return {"pipeline": name, "state": "running", "changed": True}
+
+    def stop_pipeline(self, name: str) -> dict[str, Any]:
+        """``pipeline.stop``: stop a pipeline and release its engine (``changed: false`` when
+        it was not running)."""
+        with self._controlling(f"pipeline.stop {name}"):
+            slot = self._slot(name)
+            changed = slot.pipeline is not None
+            if changed:
+                self._halt(slot)
+        if changed:
+            self._refresh_state(f"pipeline {name} stopped")
+        return {"pipeline": name, "state": slot.last_state, "changed": changed}
+
+    def update_pipeline(self, name: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """``pipeline.set``: change settings (score_threshold, nms_iou, classes, fps_cap) of a
+        running pipeline at once; of a stopped one for its next start."""
+        with self._controlling(f"pipeline.set {name}"):
+            slot = self._slot(name)
+            pipeline = slot.pipeline
+            update = getattr(pipeline, "update", None) if self._running(slot) else None
+            if update is not None and pipeline is not None:
+                settings: dict[str, Any] = update(**changes)
+                config = getattr(pipeline, "config", slot.config)
+                self._set_pipeline_config(slot, config)
+                return {"pipeline": name, "applied": "now", "settings": settings}
+            if self._running(slot):
+                raise CommandError(
+                    "not_supported", f"pipeline {name} cannot change settings while running"
+                )
+            config = _with_settings(slot.config, changes)
+            self._set_pipeline_config(slot, config)
+            return {"pipeline": name, "applied": "next_start", "settings": dict(changes)}
+
+    def load_model(
+        self, model: str, pipeline: str | None = None, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        """``model.load``: fetch/verify ``model`` in the store; with ``pipeline``, run that
+        pipeline on it: the new pipeline is built (engine loaded) while the old one still
+        runs, then the old one stops and the new one starts. A build failure leaves the old
+        pipeline running."""
+        with self._controlling(f"model.load {model}"):
+            store = self._model_store()
+            if progress is not None:
+                progress(0.05, f"resolving model {model}")
+            manifest = store.manifest(model)
+            path = store.resolve(model)
+            result: dict[str, Any] = {"model": model, "path": str(path), "sha256": manifest.sha256}
+            if pipeline is None:
+                return {**result, "pipeline": None, "changed": False}
+            slot = self._slot(pipeline)
+            if slot.config.model == model and self._running(slot):
+                return {**result, "pipeline": pipeline, "state": slot.last_state, "changed": False}
+            config = _with_settings(slot.config, {"model": model})
+            if progress is not None:
+                progress(0.3, f"model {model} verified; building pipeline {pipeline}")
+            new = self._build(config)
+            if progress is not None:
+                progress(0.8, f"engine for {model} loaded; swapping pipeline {pipeline}")
+            if slot.pipeline is not None:
+                self._stop_pipeline(slot, self.config.stop_timeout_s)
+            try:
+                self._launch(slot, new, config)
+            finally:
+                self._refresh_state(f"pipeline {pipeline} now runs model {model}")
+        return {**result, "pipeline": pipeline, "state": "running", "changed": True}
+
+    def unload_model(self, model: str) -> dict[str, Any]:
+        """``model.unload``: stop every pipeline running ``model`` (their engines are closed)."""
+        with self._controlling(f"model.unload {model}"):
+            slots = [s for s in self._slots if s.config.model == model and s.pipeline is not None]
+            if not slots:
+                loaded = sorted({s.config.model for s in self._slots if s.pipeline is not None})
+                raise CommandError(
+                    "model_not_loaded",
+                    f"model {model!r} is not loaded by any pipeline (loaded: "
+                    f"{', '.join(loaded) or 'none'})",
+                )
+            for slot in slots:
+                self._halt(slot)
+        names = [s.config.name for s in slots]
+        self._refresh_state(f"model {model} unloaded (pipelines {', '.join(names)} stopped)")
+        return {"model": model, "pipelines": names, "state": "stopped"}
+
+    def request_restart(self, reason: str | None = None) -> dict[str, Any]:
+        """``agent.restart``: stop gracefully, then exit with ``RESTART_EXIT_STATUS``. The
+        command's reply is queued before the reporting closes (the dispatcher finishes its
+        command before the MQTT runtime stops, and the runtime flushes on close)."""
+        self._check_not_stopping("agent.restart")
+        _log.warning(
+            "agent.restart%s: stopping, then exiting with status %d for the service manager to "
+            "start the agent again",
+            f" ({reason})" if reason else "",
+            RESTART_EXIT_STATUS,
+        )
+        self.exit_status = RESTART_EXIT_STATUS
+        self.request_stop()
+        return {"exit_status": RESTART_EXIT_STATUS, "stopping": True}
+
+    def telemetry(self) -> dict[str, dict[str, Any]]:
+        """Per-pipeline figures for the MQTT ``telemetry`` message: state, frame rates,
+        stage latency percentiles (ms), drops, frame counters and queue depths."""
+        out: dict[str, dict[str, Any]] = {}
+        for entry in self.status()["pipelines"]:
+            figures: dict[str, Any] = {"state": entry["state"], "model": entry["model"]}
+            if entry["reason"] is not None:
+                figures["reason"] = entry["reason"]
+            status = entry["status"]
+            for key in ("uptime_s", "fps", "latency_ms", "drops", "frames", "queues"):
+                if key in status:
+                    figures[key] = status[key]
+            out[entry["name"]] = figures
+        return out
 
     # ------------------------------------------------------------------ status
     def status(self) -> AgentStatus:
@@ -603,6 +918,25 @@ class Agent:
             _log.warning("could not write %s: %s", target, exc)
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
+
+
+def _with_settings(config: PipelineConfig, changes: Mapping[str, Any]) -> PipelineConfig:
+    """``config`` with ``changes`` (``fps_cap`` applies to every source), validated by the
+    config's own rules (``PipelineConfigError`` naming the field)."""
+    data = config.model_dump()
+    for key, value in changes.items():
+        if key == "fps_cap":
+            data["sources"] = [{**src, "fps_cap": value} for src in data["sources"]]
+        else:
+            data[key] = value
+    try:
+        return type(config).model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        raise PipelineConfigError(
+            f"pipeline {config.name}: {where}: {err.get('msg', 'invalid')}"
+        ) from exc
 
 
 def run_bounded(name: str, action: Callable[[], None], timeout_s: float) -> None:

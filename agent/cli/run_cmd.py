@@ -11,7 +11,7 @@ from types import FrameType
 from typing import Any
 
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig
-from agent.configfile import load_config
+from agent.configfile import embedded_defaults_apply, load_config
 from agent.process import Agent
 
 __all__ = ["register", "run_agent"]
@@ -30,7 +30,11 @@ def register(sub: Any) -> None:
         "to do` and exits non-zero.\n\n"
         f"Without --config the agent reads {DEFAULT_CONFIG_PATH} if it exists, else runs on "
         "its embedded defaults (a YOLOX-nano vision pipeline on the sample street video). "
-        "Results and status go to standard output as JSON Lines; logs go to standard error.",
+        "Results and status go to standard output as JSON Lines; logs go to standard error. "
+        "On the embedded defaults the agent also starts a private mosquitto on 127.0.0.1 (when "
+        "the mosquitto binary is installed) and reports to it over MQTT; its port is logged.\n\n"
+        "Exit status: 0 after a stop, 75 after an agent.restart command (systemd's "
+        "Restart=on-failure then starts the agent again), 1 on a failure.",
         epilog="Examples:\n"
         "  edge-agent run                                   # embedded defaults\n"
         "  edge-agent run --config /etc/edge-agent/agent.toml\n"
@@ -44,6 +48,11 @@ def register(sub: Any) -> None:
         metavar="FILE",
         help=f"TOML config file (default: {DEFAULT_CONFIG_PATH} if present, else built-in "
         "defaults); check one with `edge-agent config validate FILE`",
+    )
+    p.add_argument(
+        "--no-local-broker",
+        action="store_true",
+        help="on the embedded defaults, do not start a local mosquitto for MQTT reporting",
     )
     bound = p.add_mutually_exclusive_group()
     bound.add_argument(
@@ -83,12 +92,18 @@ def _positive_float(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
+    embedded = embedded_defaults_apply(args.config)
     config = load_config(args.config)
     if not args.debug:
         logging.getLogger().setLevel(config.log_level.upper())
     if args.frames is not None:
         config = _with_max_frames(config, args.frames)
-    return run_agent(config, duration_s=args.duration, until_finished=args.frames is not None)
+    return run_agent(
+        config,
+        duration_s=args.duration,
+        until_finished=args.frames is not None,
+        local_broker=embedded and not args.no_local_broker and config.reporting.mqtt is None,
+    )
 
 
 def _with_max_frames(config: AgentConfig, frames: int) -> AgentConfig:
@@ -97,10 +112,16 @@ def _with_max_frames(config: AgentConfig, frames: int) -> AgentConfig:
 
 
 def run_agent(
-    config: AgentConfig, *, duration_s: float | None = None, until_finished: bool = False
+    config: AgentConfig,
+    *,
+    duration_s: float | None = None,
+    until_finished: bool = False,
+    local_broker: bool = False,
 ) -> int:
-    """Start the agent, supervise until SIGTERM/SIGINT or a bound, stop it; the exit status."""
-    agent = Agent(config)
+    """Start the agent, supervise until SIGTERM/SIGINT, a bound or agent.restart, stop it; the
+    exit status (``agent.process.RESTART_EXIT_STATUS`` after agent.restart). ``local_broker``:
+    start a private mosquitto when no MQTT broker is configured (see ``agent.process``)."""
+    agent = Agent(config, local_broker=local_broker)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         # only sets the stop event: safe at any point of the main thread
@@ -121,5 +142,8 @@ def run_agent(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    _log.info("agent stopped")
-    return 0
+    if agent.exit_status:
+        _log.info("agent stopped; exit status %d (restart requested)", agent.exit_status)
+    else:
+        _log.info("agent stopped")
+    return agent.exit_status

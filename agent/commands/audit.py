@@ -1,8 +1,13 @@
 """Append-only audit log: one JSON line per command decision (``AuditRecord``), flushed per
-line, also handed to a publisher (the MQTT reporter puts it on ``events``)."""
+line, also handed to a publisher (the MQTT reporter puts it on ``events``).
+
+Lines are ASCII (non-ASCII escaped as ``\\uXXXX``): text from a command (its name, an error
+message quoting it) can hold U+2028, U+0085 and the like, which many line-oriented tools
+(and Python's ``str.splitlines``) take for line breaks."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -45,7 +50,7 @@ class AuditLog:
         self._publish = publish
 
     def append(self, record: AuditRecord) -> None:
-        line = (record.model_dump_json() + "\n").encode()
+        line = (json.dumps(record.model_dump(mode="json"), separators=(",", ":")) + "\n").encode()
         with self._lock:
             self.records += 1
             if self._fd is not None:

@@ -20,6 +20,7 @@ Decision order for one ``cmd/{command}`` message (first match wins; reason code 
     dispatcher queue full                      -> busy     (queue_full)
     a long-running command slot taken          -> busy     (long_command_running)
     handler returns                            -> succeeded (ok)
+    handler raises CommandError(status="busy") -> busy     (its reason, e.g. control_busy)
     handler raises                             -> failed   (its reason, or internal_error)
 
 A replayed command_id gets no second reply: its first decision was its one terminal reply (a
@@ -58,8 +59,10 @@ from agent.commands.registry import (
 )
 from agent.commands.replay import ReplayGuard
 from agent.commands.signing import SignatureError, TrustedKeys
-from agent.errors import ReportingError, reason_code
+from agent.errors import AgentError, ReportingError, reason_code
 from agent.reporting.messages import COMMAND_ID_PATTERN, AuditRecord, CommandEnvelope, ReplyStatus
+from engines.errors import EngineError
+from pipelines.errors import PipelineError
 
 __all__ = ["CommandDispatcher", "Decision", "DispatchSettings"]
 
@@ -366,11 +369,16 @@ class CommandDispatcher:
             if out is not None:
                 json.dumps(out, allow_nan=False)
         except CommandError as exc:
-            return Decision("failed", exc.reason, str(exc), cid, signed=signed, key_id=key_id)
+            return Decision(exc.status, exc.reason, str(exc), cid, signed=signed, key_id=key_id)
         except (TypeError, ValueError) as exc:
             _log.exception("command %s (%s): bad result or error", inbound.command, cid)
             return Decision(
                 "failed", "internal_error", _short(exc), cid, signed=signed, key_id=key_id
+            )
+        except (AgentError, EngineError, PipelineError) as exc:
+            _log.warning("command %s (%s) failed [%s]: %s", inbound.command, cid, exc.reason, exc)
+            return Decision(
+                "failed", reason_code(exc), _short(exc), cid, signed=signed, key_id=key_id
             )
         except Exception as exc:  # noqa: BLE001 - a handler error is a failed reply, never a crash
             _log.exception("command %s (%s) failed", inbound.command, cid)

@@ -1,7 +1,8 @@
 """The command registry: name -> handler, class (read | control | critical), argument model.
 
 A handler takes a ``CommandContext`` and returns a JSON-serialisable mapping (the reply's
-``result``) or None. To fail with a stable reason it raises ``CommandError(reason, message)``;
+``result``) or None. To fail with a stable reason it raises ``CommandError(reason, message)``
+(``status="busy"`` when the command could not run now and may be retried with a new id);
 any agent/engine/pipeline error is reported with its own ``reason``; anything else as
 ``internal_error``. ``long_running`` commands get an ``accepted`` reply first, run on their own
 thread, and may send ``progress`` replies through ``ctx.progress(fraction, message)``.
@@ -31,11 +32,15 @@ COMMAND_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 
 
 class CommandError(Exception):
-    """Raised by a handler: the command failed with a stable ``reason`` code."""
+    """Raised by a handler: the command failed (or, ``status="busy"``, could not run now)
+    with a stable ``reason`` code."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(
+        self, reason: str, message: str, *, status: Literal["failed", "busy"] = "failed"
+    ) -> None:
         super().__init__(message)
         self.reason = reason
+        self.status: Literal["failed", "busy"] = status
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ class MqttRuntime:
         for entry in status.get("pipelines") or []:
             if isinstance(entry, Mapping) and "name" in entry:
                 pipelines[str(entry["name"])] = str(entry.get("state", "unknown"))
-                if entry.get("state") != "failed" and entry.get("model"):
+                if entry.get("state") not in ("failed", "stopped") and entry.get("model"):
                     models.append(str(entry["model"]))
         failed = sorted(name for name, state in pipelines.items() if state == "failed")
         degraded = agent_state == "degraded" or bool(failed)
@@ -160,16 +160,18 @@ class MqttRuntime:
     ) -> None:
         self.reporter.publish_telemetry(pipelines, llm=llm)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop receiving commands, finish the running ones, publish offline, disconnect,
-        close the outbox, replay store and audit log."""
+    def close(self, timeout: float = 5.0, *, flush_s: float = 2.0) -> None:
+        """Stop receiving commands, finish the running ones, send what the outbox holds for
+        up to ``flush_s`` while connected (the last replies, e.g. to agent.restart), publish
+        offline, disconnect, close the outbox, replay store and audit log. What is not sent
+        stays in the outbox for the next start."""
         self._stop.set()
         try:
             if self._telemetry_thread is not None:
                 self._telemetry_thread.join(timeout)
             if self.dispatcher is not None:
                 self.dispatcher.stop(timeout)
-            self.reporter.stop(timeout)
+            self.reporter.stop(timeout, flush_s=flush_s)
         finally:
             if self.audit is not None:
                 self.audit.close()
