@@ -29,6 +29,7 @@ from engines.configbase import StrictModel
 
 __all__ = [
     "CommandsConfig",
+    "HomeAssistantConfig",
     "MqttConfig",
     "MqttTlsConfig",
     "OutboxConfig",
@@ -175,6 +176,21 @@ class CommandsConfig(StrictModel):
     )
 
 
+class HomeAssistantConfig(StrictModel):
+    enabled: bool = Field(default=True, description="Publish the discovery configs.")
+    discovery_prefix: str = Field(
+        default="homeassistant",
+        pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
+        description="Home Assistant's MQTT discovery prefix (its `discovery_prefix`); the "
+        "broker ACL must let the device write <prefix>/sensor/<device_id>/#.",
+    )
+    classes: list[str] | None = Field(
+        default=None,
+        description="Labels that get a per-pipeline count sensor; unset: the pipeline's "
+        "`classes` allow-list, else every label of its model.",
+    )
+
+
 class MqttConfig(StrictModel):
     host: str = Field(default="127.0.0.1", min_length=1, description="Broker host name or IP.")
     port: int = Field(
@@ -231,6 +247,11 @@ class MqttConfig(StrictModel):
     )
     commands: CommandsConfig = Field(
         default_factory=CommandsConfig, description="Remote commands over cmd/{command}."
+    )
+    home_assistant: HomeAssistantConfig | None = Field(
+        default=None,
+        description="Home Assistant MQTT discovery: retained sensor configs for the agent "
+        "status and per-pipeline detection counts (total and per class); unset: none.",
     )
 
     @model_validator(mode="after")

@@ -69,6 +69,7 @@ from engines.store import DATA_PATH_ENV, ModelStore
 from pipelines.base import Pipeline, PipelineContext, ResolvedModel
 from pipelines.config import PipelineConfig
 from pipelines.errors import PipelineConfigError, PipelineError, SourceOpenError
+from pipelines.feed import ResultTee
 
 if TYPE_CHECKING:
     from agent.mqtt_config import MqttConfig
@@ -211,6 +212,10 @@ class Agent:
         self._command_hooks: list[Callable[[CommandRegistry], None]] = []
         self._control = threading.Lock()
         self._control_closed = False
+        self._results: ResultTee | None = None
+        """Put in front of the sink for pipelines: their results also feed other pipelines
+        (the LLM narrator watches the vision detections)."""
+        self.add_command_hook(self._register_llm_commands)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -491,14 +496,30 @@ class Agent:
     def _pipeline_context(self) -> PipelineContext:
         if self._sink is None:
             raise StartupError("pipelines built before reporting — a bug")
+        if self._results is None:
+            self._results = ResultTee(self._sink)
         return PipelineContext(
-            sink=self._sink,
+            sink=self._results,
             heartbeats=self.watchdog,
             resolve_model=self._resolve_model,
             resolve_data=self._resolve_data,
             process_cpus=self._process_cpus,
             stage_cpus=self._stage_cpus,
+            results=self._results,
         )
+
+    def _register_llm_commands(self, registry: CommandRegistry) -> None:
+        """``llm.generate`` / ``llm.cancel`` / ``llm.session.drop`` on the running LLM
+        pipelines (see ``agent.commands.llm``)."""
+        from agent.commands.llm import register_llm_commands  # noqa: PLC0415
+        from pipelines.llm.pipeline import LlmPipeline  # noqa: PLC0415
+
+        def running() -> list[LlmPipeline]:
+            with self._lock:
+                slots = list(self._slots)
+            return [s.pipeline for s in slots if isinstance(s.pipeline, LlmPipeline)]
+
+        register_llm_commands(registry, running)
 
     def _model_store(self) -> ModelStore:
         if self._store is None:
@@ -544,6 +565,7 @@ class Agent:
             self._set_state("degraded", text, ready=True)
         else:
             self._set_state("ready", f"ready: {running} pipeline(s) running", ready=True)
+        self._publish_discovery()
 
     # ------------------------------------------------------------------ stop
     def _undo_all(self) -> None:
@@ -661,6 +683,30 @@ class Agent:
             self.config = self.config.model_copy(
                 update={"pipelines": [s.config for s in self._slots]}
             )
+        self._publish_discovery()
+
+    def _publish_discovery(self) -> None:
+        """Home Assistant discovery configs for the configured pipelines (when enabled)."""
+        discovery = self.mqtt.discovery if self.mqtt is not None else None
+        if discovery is None:
+            return
+        pipelines: dict[str, list[str]] = {}
+        for slot in self._slots:
+            labels: tuple[str, ...] = ()
+            try:
+                store = self._model_store()
+                labels = store.labels(store.manifest(slot.config.model))
+            except (EngineError, StartupError) as exc:
+                _log.warning("no class sensors for pipeline %s: %s", slot.config.name, exc)
+            allow = getattr(slot.config, "classes", None)
+            names = None
+            if allow is not None:
+                names = [
+                    labels[c] if isinstance(c, int) and 0 <= c < len(labels) else str(c)
+                    for c in allow
+                ]
+            pipelines[slot.config.name] = discovery.labels_for(names, labels)
+        discovery.update(pipelines)
 
     def _refresh_state(self, text: str) -> None:
         """Publish the status after a control change (ready <-> degraded)."""

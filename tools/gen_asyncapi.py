@@ -41,6 +41,7 @@ MODELS: list[type[BaseModel]] = [
     m.OutboxEvent,
     m.CommandEnvelope,
     m.CommandReply,
+    m.HaSensorConfig,
 ]
 
 
@@ -133,9 +134,33 @@ CHANNELS = [
         "edge/{device_id}/reply/; otherwise replies go to that Response Topic with the "
         "request's Correlation Data.",
     ),
+    Channel(
+        "haDiscovery",
+        "homeassistant/sensor/{device_id}/{object_id}/config",
+        {
+            "object_id": "status, <pipeline>_detections or <pipeline>_<label>_count "
+            "(lower-case letters, digits, _)."
+        },
+        "haSensorConfig",
+        "HaSensorConfig",
+        "Home Assistant MQTT discovery (only with reporting.mqtt.home_assistant; the first "
+        "level is its discovery_prefix): retained sensor configs in Home Assistant's own "
+        "format, so NOT stamped with device_id/boot_id/seq; an empty retained payload deletes "
+        "a sensor.",
+    ),
 ]
 
-SENT = ["status", "telemetry", "events", "detections", "visionEvents", "llmStream", "llmResult"]
+SENT = [
+    "status",
+    "telemetry",
+    "events",
+    "detections",
+    "visionEvents",
+    "llmStream",
+    "llmResult",
+    "haDiscovery",
+]
+RETAINED = ("status", "haDiscovery")
 
 
 def build_document() -> dict[str, Any]:
@@ -170,13 +195,14 @@ def build_document() -> dict[str, Any]:
             messages[msg_id]["bindings"]["mqtt"]["messageExpiryInterval"] = 600
     operations: dict[str, Any] = {}
     for cid in SENT:
+        stamp = "not stamped" if cid == "haDiscovery" else "stamped with device_id, boot_id, seq"
         operations[f"send_{cid}"] = {
             "action": "send",
             "channel": {"$ref": f"#/channels/{cid}"},
             "summary": f"The agent publishes {cid} (QoS 1"
-            + (", retained" if cid == "status" else "")
-            + "; stamped with device_id, boot_id, seq).",
-            "bindings": {"mqtt": {"qos": 1, "retain": cid == "status", "bindingVersion": "0.2.0"}},
+            + (", retained" if cid in RETAINED else "")
+            + f"; {stamp}).",
+            "bindings": {"mqtt": {"qos": 1, "retain": cid in RETAINED, "bindingVersion": "0.2.0"}},
         }
     operations["receive_command"] = {
         "action": "receive",
@@ -197,11 +223,11 @@ def build_document() -> dict[str, Any]:
             "version": "1.0.0",
             "description": "Topics, messages and commands of an edge-agent device. Payloads are "
             "UTF-8 JSON, generated from the agent's pydantic models (tools/gen_asyncapi.py). "
-            "Every outbound message carries device_id, boot_id (per agent run) and seq (per "
-            "boot, increasing in publish order): consumers detect gaps and drop duplicates; a "
-            "re-sent message keeps its (boot_id, seq). Publishes are QoS 1 through a durable "
-            "outbox; under MQTT 5 a PUBACK reason code that can never succeed (" + dead + ") "
-            "moves the message to the device's dead-letter table.",
+            "Every outbound message on edge/{device_id}/ carries device_id, boot_id (per agent "
+            "run) and seq (per boot, increasing in publish order): consumers detect gaps and "
+            "drop duplicates; a re-sent message keeps its (boot_id, seq). Publishes are QoS 1 "
+            "through a durable outbox; under MQTT 5 a PUBACK reason code that can never "
+            "succeed (" + dead + ") moves the message to the device's dead-letter table.",
         },
         "defaultContentType": "application/json",
         "servers": {

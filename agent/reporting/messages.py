@@ -25,6 +25,9 @@ __all__ = [
     "CommandReply",
     "DetectionsMessage",
     "EventMessage",
+    "HaAvailability",
+    "HaDevice",
+    "HaSensorConfig",
     "LlmResultMessage",
     "LlmStreamMessage",
     "OutboxEvent",
@@ -288,3 +291,46 @@ class OutboxEvent(Stamped):
 
 EventMessage = AuditEvent | OutboxEvent
 """Payload of ``events`` (discriminated by ``kind``)."""
+
+
+# --- Home Assistant discovery (not stamped: Home Assistant owns this format) -----------------
+
+
+class HaAvailability(_Message):
+    topic: str = Field(description="Topic whose messages tell whether the device is online.")
+    value_template: str = Field(
+        description="Jinja template turning such a message into `online` / `offline`."
+    )
+
+
+class HaDevice(_Message):
+    identifiers: list[str] = Field(description="Stable ids of the device in Home Assistant.")
+    name: str = Field(description="Device name shown in Home Assistant (the device_id).")
+    manufacturer: str = Field(description="Always `edge-agent`.")
+    model: str = Field(description="Always `edge-agent`.")
+    sw_version: str = Field(description="Agent version.")
+
+
+class HaSensorConfig(_Message):
+    """Retained on ``homeassistant/sensor/{device_id}/{object_id}/config`` (the prefix is
+    ``home_assistant.discovery_prefix``) when Home Assistant discovery is on: one sensor for the
+    agent status and, per pipeline, one for the detections per frame and one per class. Not
+    stamped (no device_id/boot_id/seq): Home Assistant defines the format. An empty retained
+    payload on the same topic removes the sensor."""
+
+    name: str = Field(description="Entity name (shown under the device).")
+    unique_id: str = Field(description="Stable entity id: <device_id>_<object_id>.")
+    state_topic: str = Field(description="The agent topic the value is read from.")
+    value_template: str = Field(description="Jinja template extracting the value.")
+    json_attributes_topic: str | None = Field(
+        default=None, description="Topic whose JSON becomes the entity's attributes."
+    )
+    unit_of_measurement: str | None = Field(default=None, description="Unit of the value.")
+    state_class: Literal["measurement"] | None = Field(
+        default=None, description="`measurement` for counts (long-term statistics)."
+    )
+    icon: str | None = Field(default=None, description="Material Design icon.")
+    availability: list[HaAvailability] = Field(
+        default_factory=list, description="When the entity is available (the agent online)."
+    )
+    device: HaDevice = Field(description="The device the entity belongs to.")

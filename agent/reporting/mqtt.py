@@ -73,7 +73,7 @@ from agent.reporting.messages import (
 )
 from agent.reporting.outbox import Outbox, OutboxMessage
 from agent.reporting.telemetry import SystemSampler
-from agent.reporting.topics import Priority, Topics, priority_of
+from agent.reporting.topics import Priority, Topics, priority_of, validate_relative
 from pipelines.errors import SinkError
 
 __all__ = [
@@ -327,6 +327,20 @@ class MqttReporter:
             correlation=inbound.correlation if use_response else None,
         )
         return topic
+
+    def publish_raw(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish ``payload`` exactly as given (no stamp, no ``seq`` taken) on the absolute
+        ``topic``, QoS 1, durably, in the never-dropped class: for formats another system owns
+        (Home Assistant discovery configs). An empty retained payload deletes a retained
+        message."""
+        if self._closed:
+            raise ReportingError("MQTT reporter is closed; cannot publish")
+        validate_relative(topic)
+        with self._seq_lock:  # keeps outbox ids in publish order with stamped messages
+            self.outbox.put(topic, payload, priority=Priority.CRITICAL, retain=retain)
+        if self._idle:
+            self._idle = False
+            self._wake()
 
     def publish_audit(self, record: AuditRecord) -> None:
         """``ReplySink.publish_audit``: the record on ``events``."""

@@ -35,6 +35,7 @@ from agent.commands.replay import ReplayGuard
 from agent.commands.signing import TrustedKeys
 from agent.credentials import read_secret
 from agent.mqtt_config import MqttConfig
+from agent.reporting.homeassistant import HomeAssistantDiscovery
 from agent.reporting.mqtt import MqttReporter, MqttSettings, TlsSettings
 from agent.reporting.outbox import Outbox, OutboxLimits
 from agent.reporting.topics import Topics
@@ -101,6 +102,8 @@ class MqttRuntime:
     audit: AuditLog | None
     telemetry_interval_s: float
     telemetry: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None
+    discovery: HomeAssistantDiscovery | None = None
+    """Home Assistant discovery (``home_assistant`` configured and enabled)."""
     _stop: threading.Event = field(default_factory=threading.Event)
     _telemetry_thread: threading.Thread | None = None
 
@@ -248,6 +251,11 @@ def open_mqtt(
             if closable is not None:
                 closable.close()
         raise
+    discovery = None
+    if cfg.home_assistant is not None and cfg.home_assistant.enabled:
+        discovery = HomeAssistantDiscovery(
+            reporter, cfg.home_assistant, device_id=device_id, version=version
+        )
     return MqttRuntime(
         reporter=reporter,
         outbox=outbox,
@@ -257,4 +265,5 @@ def open_mqtt(
         audit=audit,
         telemetry_interval_s=cfg.telemetry_interval_s,
         telemetry=telemetry,
+        discovery=discovery,
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker_support import MosquittoBroker
+from broker_support import MosquittoBroker, close_monitor, open_monitor
 from commands_support import envelope, signed
 from jsonschema import Draft202012Validator
 from test_mqtt_commands import Agentish
@@ -77,7 +77,8 @@ def test_real_messages_validate_against_their_channels(
     broker: MosquittoBroker, device: str, tmp_path: Path
 ) -> None:
     doc = gen_asyncapi.build_document()
-    a = Agentish(broker, device, tmp_path)
+    a = Agentish(broker, device, tmp_path, mqtt={"home_assistant": {}})
+    ha = open_monitor(broker, f"homeassistant/sensor/{device}/#")
     try:
         rep = a.rt.reporter
         rep.set_status("degraded", reason="test", models=["yolox"], pipelines={"street": "running"})
@@ -89,6 +90,8 @@ def test_real_messages_validate_against_their_channels(
         rep.publish("llm/req-1/stream", {"text": "Hel"})
         rep.publish("llm/req-1/result", {"text": "Hello", "tokens": 2})
         rep.publish_telemetry({"street": {"fps": 10.0}})
+        assert a.rt.discovery is not None
+        assert a.rt.discovery.update({"street": ["car", "person"]}) == 4
         a.send("status.get", envelope(), corr="s")
         a.send(
             "model.load", signed(envelope(args={"name": "m"}), "model.load", a.key, device=device)
@@ -96,8 +99,9 @@ def test_real_messages_validate_against_their_channels(
         a.replies("s")
         assert rep.flush(10)
         time.sleep(0.3)
-        got = a.mon.snapshot()
+        got = a.mon.snapshot() + ha.wait_count(lambda _m: True, 4)
     finally:
+        close_monitor(ha)
         a.close()
     seen: dict[str, int] = {}
     for m in got:
