@@ -365,10 +365,12 @@ class OnnxRuntimeEngine(TensorEngine):
         return spec
 
     def _check_shape(self, spec: TensorSpec, shape: tuple[int, ...]) -> None:
-        fits = len(shape) == len(spec.shape) and all(
-            size > 0 and (want < 0 or size == want)
-            for size, want in zip(shape, spec.shape, strict=True)
-        )
+        fits = len(shape) == len(spec.shape)
+        if fits:  # a plain loop: this runs on every call (no generator objects)
+            for size, want in zip(shape, spec.shape, strict=True):
+                if size <= 0 or (want >= 0 and size != want):
+                    fits = False
+                    break
         if not fits:
             msg = (
                 f"input {spec.name!r} of {self._path} got shape {_dims(shape)}, the model wants "

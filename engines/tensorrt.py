@@ -456,9 +456,12 @@ class TensorRTEngine(TensorEngine):
                 raise InputSpecError(msg)
             return
         low, _opt, high = profile
-        fits = len(shape) == len(low) and all(
-            lo <= size <= hi for size, lo, hi in zip(shape, low, high, strict=True)
-        )
+        fits = len(shape) == len(low)
+        if fits:  # a plain loop: this runs on every call (no generator objects)
+            for size, lo, hi in zip(shape, low, high, strict=True):
+                if not lo <= size <= hi:
+                    fits = False
+                    break
         if not fits:
             msg = (
                 f"input {spec.name!r} of plan {self._path} got shape {_text(shape)}, outside the "

@@ -109,7 +109,8 @@ def _allocation_profile(engine: OnnxRuntimeEngine, feed: dict[str, np.ndarray], 
         tracemalloc.Filter(inclusive=True, filename_pattern="*/engines/*", all_frames=True)
     ]
     windows: list[dict[str, int]] = []
-    tracemalloc.start(8)
+    snapshots: list[tracemalloc.Snapshot] = []
+    tracemalloc.start(16)
     try:
         done = 0
         while done < calls:
@@ -120,7 +121,9 @@ def _allocation_profile(engine: OnnxRuntimeEngine, feed: dict[str, np.ndarray], 
                 engine.infer(feed)
             traced, peak = tracemalloc.get_traced_memory()
             done += count
-            stats = tracemalloc.take_snapshot().filter_traces(engine_frames).statistics("lineno")
+            snapshot = tracemalloc.take_snapshot().filter_traces(engine_frames)
+            snapshots = [snapshots[0], snapshot] if snapshots else [snapshot]
+            stats = snapshot.statistics("lineno")
             windows.append(
                 {
                     "calls_done": done,
@@ -133,6 +136,11 @@ def _allocation_profile(engine: OnnxRuntimeEngine, feed: dict[str, np.ndarray], 
     finally:
         tracemalloc.stop()
     first, last = windows[0], windows[-1]
+    growth = [
+        f"{diff.traceback.format()[-1].strip()} count {diff.count_diff:+d} size {diff.size_diff:+d}"
+        for diff in snapshots[-1].compare_to(snapshots[0], "traceback")[:5]
+        if diff.count_diff or diff.size_diff
+    ]
     return {
         "calls": calls,
         "window": window,
@@ -142,6 +150,7 @@ def _allocation_profile(engine: OnnxRuntimeEngine, feed: dict[str, np.ndarray], 
         "engine_blocks_growth": last["engine_blocks"] - first["engine_blocks"],
         "engine_bytes_growth": last["engine_bytes"] - first["engine_bytes"],
         "max_peak_increase_bytes": max(w["peak_increase_bytes"] for w in windows),
+        "largest_changes_first_to_last": growth,
         "output_bytes": int(sum(a.nbytes for a in engine.infer(feed).values())),
     }
 
