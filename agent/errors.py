@@ -15,7 +15,14 @@
         ├── OutboxFullError       outbox_full             a critical message did not fit the outbox
         ├── MessageTooLargeError  message_too_large       one message over outbox.max_message_bytes
         ├── OutboxStoreError      outbox_unusable         SQLite outbox cannot be opened / written
-        └── TrustedKeyError       trusted_key_invalid     a trusted command key file is unreadable
+        ├── TrustedKeyError       trusted_key_invalid     a trusted command key file is unreadable
+        └── HidError              hid_failed              USB HID reporting (gadget or host mode)
+            ├── HidDeviceError    hid_device_unavailable  /dev/hidgN or the USB device missing,
+            │                                             not writable, or not enumerated
+            ├── HidPayloadError   hid_payload_invalid     payload over the protocol limit, a
+            │                                             character the keyboard layout lacks
+            └── HidFrameError     hid_frame_invalid       a received report fails its version,
+                                                          length or CRC check
 
 Errors from the lower layers (``engines.errors.EngineError``, ``pipelines.errors.PipelineError``)
 keep their own ``reason``; ``reason_code()`` reads it from any of the three trees and maps
@@ -35,6 +42,10 @@ __all__ = [
     "ConfigFileError",
     "ConfigValidationError",
     "CredentialError",
+    "HidDeviceError",
+    "HidError",
+    "HidFrameError",
+    "HidPayloadError",
     "MessageTooLargeError",
     "NotifyError",
     "NumaUnavailableError",
@@ -127,6 +138,22 @@ class OutboxStoreError(ReportingError):
 
 class TrustedKeyError(ReportingError):
     reason = "trusted_key_invalid"
+
+
+class HidError(ReportingError):
+    reason = "hid_failed"
+
+
+class HidDeviceError(HidError):
+    reason = "hid_device_unavailable"
+
+
+class HidPayloadError(HidError):
+    reason = "hid_payload_invalid"
+
+
+class HidFrameError(HidError):
+    reason = "hid_frame_invalid"
 
 
 def reason_code(exc: BaseException) -> str:
