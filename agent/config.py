@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, StrictInt
 
+from agent.hid_config import HidConfig
 from agent.mqtt_config import MqttConfig
 from engines.affinity import MAX_CPU, parse_cpulist
 from engines.configbase import StrictModel
@@ -124,6 +125,11 @@ class ReportingConfig(StrictModel):
     mqtt: MqttConfig | None = Field(
         default=None,
         description="MQTT reporter with durable outbox and remote commands; unset: no MQTT.",
+    )
+    hid: HidConfig | None = Field(
+        default=None,
+        description="USB HID reporter: gadget mode (/dev/hidgN) or host mode (pyusb), with an "
+        "optional keyboard wedge; unset: no HID.",
     )
 
 

@@ -1,4 +1,4 @@
-"""Reporters: where results and status go (JSON Lines now; MQTT and HID join later).
+"""Reporters: where results and status go (JSON Lines, MQTT, USB HID).
 
 ``open_reporting(config)`` builds every configured reporter and returns one ``ResultSink`` that
 fans each message out to all of them. A reporter that fails to publish is logged with its
@@ -34,6 +34,16 @@ class FanoutSink:
     @property
     def sinks(self) -> list[ResultSink]:
         return list(self._sinks)
+
+    def reporter_status(self) -> dict[str, Any]:
+        """``status()`` of every reporter that has one (e.g. the HID reporter's drop counts),
+        keyed by its class name."""
+        out: dict[str, Any] = {}
+        for sink in self._sinks:
+            status = getattr(sink, "status", None)
+            if callable(status):
+                out[type(sink).__name__] = status()
+        return out
 
     def publish(self, topic: str, message: Mapping[str, Any]) -> None:
         with self._lock:
@@ -78,4 +88,13 @@ def open_reporting(config: ReportingConfig) -> FanoutSink:
     sinks: list[ResultSink] = []
     if config.jsonl is not None and config.jsonl.enabled:
         sinks.append(JsonlSink(config.jsonl.path))
+    if config.hid is not None:
+        from agent.reporting.hid import HidSink  # noqa: PLC0415 - only when HID is configured
+
+        try:
+            sinks.append(HidSink(config.hid))
+        except BaseException:
+            for sink in sinks:
+                _close_one(sink)
+            raise
     return FanoutSink(sinks)
