@@ -7,6 +7,8 @@ All three variants run yolox_nano_416 on ONNX Runtime's CPU provider over ``bike
     own ONNX Runtime demo: ``cv2.VideoCapture.read`` -> letterbox (``cv2.resize`` into a
     114-padded image, transpose, float32) -> ``InferenceSession.run`` -> grid decode + per-class
     NumPy NMS -> one JSON line per frame appended to a file;
+(b2) **serial, agent parts** — the same serial loop built from the agent's engine, Preprocessor,
+    decoder and result message (no threads): what pipelining adds on top of those parts;
 (c) **pipeline** — ``build_pipeline`` + ``VisionPipeline`` (policy ``all``), results through the
     agent's real ``JsonlSink`` into a file.
 
@@ -244,6 +246,62 @@ def bench_serial(frames: int, out_path: Path, labels: list[str]) -> dict[str, An
     }
 
 
+def bench_serial_agent(frames: int, out_path: Path) -> dict[str, Any]:
+    """(b2) the same serial loop built from the agent's own parts (engine, Preprocessor,
+    decoder, result message), without threads: separates what the engine/decoder bring from
+    what pipelining brings."""
+    from pipelines.vision.decoders import DecodeParams, build_decoder
+    from pipelines.vision.results import build_result
+
+    store = _store(Path(tempfile.mkdtemp(prefix="bench-vision-")))
+    manifest = store.manifest(MODEL)
+    if manifest.input is None:
+        raise SystemExit(f"manifest {MODEL} has no [input] spec")
+    labels = store.labels(manifest)
+    engine = build_engine(OnnxRuntimeConfig(type="onnxruntime"), store.resolve(MODEL), cpus=CPUS)
+    decoder = build_decoder("yolox", manifest.input, len(labels))
+    params = DecodeParams(score_threshold=0.3, nms_iou=0.45, max_detections=100)
+    pre = Preprocessor(manifest.input, 1)
+    capture = cv2.VideoCapture(str(VIDEO))
+    start = time.perf_counter()
+    cpu0 = time.process_time()
+    try:
+        with out_path.open("a", encoding="utf-8") as out:
+            for index in range(frames):
+                ok, image = capture.read()
+                if not ok:
+                    capture.release()
+                    capture = cv2.VideoCapture(str(VIDEO))
+                    ok, image = capture.read()
+                t0 = time.monotonic()
+                buffer = engine.input_buffer(manifest.input.tensor, pre.input_shape)
+                meta = pre.prepare(image, buffer, 0)
+                outputs = engine.infer({manifest.input.tensor: buffer})
+                (dets,) = decoder.decode(outputs, [meta], params)
+                latency = time.monotonic() - t0
+                message = build_result(
+                    pipeline="serial",
+                    source="file0",
+                    frame_index=index,
+                    wall_time=time.time(),
+                    monotonic=t0,
+                    detections=dets,
+                    labels=labels,
+                    latency_s=dict.fromkeys(("preprocess", "end_to_end"), latency),
+                )
+                out.write(json.dumps({"topic": "vision/serial/detections", **message}) + "\n")
+                out.flush()
+    finally:
+        capture.release()
+        engine.close()
+    elapsed = time.perf_counter() - start
+    return {
+        "frames": frames,
+        "fps": frames / elapsed,
+        "cpu_ms_per_frame": (time.process_time() - cpu0) / frames * 1e3,
+    }
+
+
 # -- (c) the agent pipeline ------------------------------------------------------------------
 
 
@@ -400,9 +458,14 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax1.set_yscale("log")
     ax1.set_title("Pipeline latency per stage (yolox_nano_416, ORT CPU)")
     ax1.legend(fontsize=7)
-    names = ["(a) engine only", "(b) serial loop", "(c) pipeline"]
-    fps = [result["engine"]["fps"], result["serial_fps_median"], result["pipeline_fps_median"]]
-    bars = ax2.bar(names, fps, color=["#888888", "#c44e52", "#4c72b0"])
+    names = ["(a) engine\nonly", "(b) serial\nloop", "(b2) serial,\nagent parts", "(c) pipeline"]
+    fps = [
+        result["engine"]["fps"],
+        result["serial_fps_median"],
+        result["serial_agent_fps_median"],
+        result["pipeline_fps_median"],
+    ]
+    bars = ax2.bar(names, fps, color=["#888888", "#c44e52", "#dd8452", "#4c72b0"])
     for bar, value in zip(bars, fps, strict=True):
         ax2.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.1f}", ha="center", va="bottom")
     ax2.set_ylabel("frames per second")
@@ -438,20 +501,23 @@ def main() -> int:
     load_start = os.getloadavg()
     print(f"loadavg at start: {load_start}")
 
-    engine_runs, serial_runs, pipeline_runs = [], [], []
+    engine_runs, serial_runs, serial_agent_runs, pipeline_runs = [], [], [], []
     for round_index in range(args.rounds):
         engine_runs.append(bench_engine(args.engine_frames))
         serial = bench_serial(args.round_frames, scratch / "serial.jsonl", labels)
         serial_runs.append(serial)
+        serial_agent_runs.append(bench_serial_agent(args.round_frames, scratch / "serial2.jsonl"))
         piped = run_pipeline("all", args.round_frames, scratch / "pipeline.jsonl", spin=spin)
         pipeline_runs.append(piped)
         print(
             f"round {round_index + 1}: (a) engine {engine_runs[-1]['fps']:.1f} FPS, "
-            f"(b) serial {serial['fps']:.1f} FPS, (c) pipeline {piped['fps']:.1f} FPS, "
+            f"(b) serial {serial['fps']:.1f} FPS, (b2) serial agent parts "
+            f"{serial_agent_runs[-1]['fps']:.1f} FPS, (c) pipeline {piped['fps']:.1f} FPS, "
             f"loadavg {os.getloadavg()[0]:.2f}"
         )
     engine = sorted(engine_runs, key=lambda r: r["fps"])[len(engine_runs) // 2]
     serial_fps = statistics.median(r["fps"] for r in serial_runs)
+    serial_agent_fps = statistics.median(r["fps"] for r in serial_agent_runs)
     pipeline_fps = statistics.median(r["fps"] for r in pipeline_runs)
     best_all = sorted(pipeline_runs, key=lambda r: r["fps"])[len(pipeline_runs) // 2]
 
@@ -493,6 +559,9 @@ def main() -> int:
         "serial_rounds": serial_runs,
         "pipeline_rounds": pipeline_runs,
         "serial_fps_median": serial_fps,
+        "serial_agent_rounds": serial_agent_runs,
+        "serial_agent_fps_median": serial_agent_fps,
+        "pipeline_over_serial_agent": pipeline_fps / serial_agent_fps,
         "pipeline_fps_median": pipeline_fps,
         "pipeline_all": best_all,
         "pipeline_latest": latest,
