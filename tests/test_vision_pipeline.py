@@ -388,3 +388,32 @@ def test_rate_meter_counts_events_per_second() -> None:
         meter.mark(now=base + i * 0.05)  # 20 events per second for 3 s
     assert meter.total == 60
     assert meter.rate(now=base + 3.0) == pytest.approx(20.0)
+
+
+def _link_target(entry: Path) -> Path | None:
+    try:
+        return entry.readlink()
+    except OSError:  # closed between listing and reading
+        return None
+
+
+def _open_fds_to(path: Path) -> int:
+    return sum(1 for entry in Path("/proc/self/fd").iterdir() if _link_target(entry) == path)
+
+
+def test_failed_start_releases_the_sources_it_already_opened(
+    models_dir: Path, data_dir: Path, tmp_path: Path, sink: MemorySink
+) -> None:
+    video = (data_dir / "videos" / "bikes.mp4").resolve()
+    ctx, _ = make_context(models_dir, data_dir, tmp_path, sink)
+    sources = [
+        {"type": "file", "name": "ok", "path": str(video)},
+        {"type": "file", "name": "gone", "path": "videos/gone.mp4"},
+    ]
+    pipeline = _build({"sources": sources}, ctx)
+    before = _open_fds_to(video)
+    with pytest.raises(SourceOpenError, match="gone"):
+        pipeline.start(threading.Event())
+    assert _open_fds_to(video) == before
+    assert pipeline.stop(STOP_S)
+    assert pipeline.status()["state"] == "stopped"

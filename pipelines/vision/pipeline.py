@@ -189,8 +189,13 @@ class VisionPipeline:
                 raise PipelineStateError(
                     f"pipeline {self.name} cannot start: it is {self._state} (build a new one)"
                 )
-            for source in self._sources:
-                source.check()
+            try:
+                for source in self._sources:
+                    source.check()
+            except BaseException:
+                for source in self._sources:
+                    source.release()
+                raise
             self._external = stop_event
             self._state = "running"
             self._started_at = time.monotonic()

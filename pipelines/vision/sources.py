@@ -257,8 +257,15 @@ class FrameSource(abc.ABC):
         )
         self._thread.start()
 
+    def release(self) -> None:
+        """Free a capture opened by ``check()`` when the thread never started."""
+        if self._thread is None and self._capture is not None:
+            self._capture.release()
+            self._capture = None
+
     def join(self, timeout_s: float) -> bool:
         if self._thread is None:
+            self.release()
             return True
         self._thread.join(max(0.0, timeout_s))
         return not self._thread.is_alive()
