@@ -147,3 +147,50 @@ def test_publish_after_close_is_refused(tmp_path: Path) -> None:
         ob.put("e", b"x", priority=CRIT)
     with pytest.raises(OutboxStoreError, match="closed"):
         ob.stage("d", b"x")
+
+
+def test_row_ids_increase_after_acks_dead_letters_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    with Outbox(path) as ob:
+        first = ob.put("t", b"1", priority=CRIT)
+        second = ob.put("t", b"2", priority=CRIT)
+        assert first is not None
+        assert second is not None
+        assert ob.dead_letter(second, 0x87, "not_authorized")
+        assert ob.ack([first]) == 1
+        assert ob.depth == 0
+        third = ob.put("t", b"3", priority=CRIT)  # the table is empty: still a new id
+        assert third is not None
+        assert third > second
+        ob.ack([third])
+        kept = ob.put("t", b"kept", priority=CRIT)
+    with Outbox(path) as again:
+        fourth = again.put("t", b"4", priority=CRIT)
+        assert fourth is not None
+        assert kept is not None
+        assert fourth > kept  # above every id still stored (outbox and dead letters)
+        assert [r.payload for r in again.pending()] == [b"kept", b"4"]
+
+
+def test_a_file_from_the_autoincrement_schema_keeps_counting(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
+        "payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, priority INTEGER "
+        "NOT NULL, created_at REAL NOT NULL, expires_at REAL, correlation BLOB, attempts "
+        "INTEGER NOT NULL DEFAULT 0);"
+    )
+    for i in range(7):
+        db.execute(
+            "INSERT INTO outbox (topic, payload, qos, retain, priority, created_at) "
+            "VALUES ('t', ?, 1, 0, 0, 0)",
+            (str(i).encode(),),
+        )
+    db.execute("DELETE FROM outbox WHERE id > 2")
+    db.commit()
+    db.close()
+    with Outbox(path) as ob:
+        assert [r.payload for r in ob.pending()] == [b"0", b"1"]
+        new = ob.put("t", b"new", priority=CRIT)
+        assert new == 8  # after the highest id ever handed out (7), not after the live ones
