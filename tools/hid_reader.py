@@ -228,6 +228,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
                     out.flush()
                 continue
             for report in resync.feed(data):
+                if args.count is not None and messages >= args.count:
+                    break
                 msg = reasm.feed(report)
                 if reasm.stats.lost > lost_seen:
                     err.write(f"hid_reader: {reasm.last_error}\n")
