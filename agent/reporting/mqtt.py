@@ -897,6 +897,14 @@ class MqttReporter:
                 self._dispatch(msg)
         del client
 
+    def _flush_acks(self) -> None:
+        """DELETE acknowledged rows the outbox batches once the oldest waited long enough."""
+        try:
+            self.outbox.flush_acks(older_than_s=self.outbox.ack_delay_s)
+        except ReportingError as exc:
+            self.last_error = str(exc)
+            _log.error("MQTT outbox: %s", exc)
+
     def _dead_letter(self, row_id: int, topic: str | None, code: int, reason: str) -> None:
         if self.outbox.dead_letter(row_id, code, reason):
             self.dead_lettered += 1
@@ -946,6 +954,7 @@ class MqttReporter:
             _log.exception("MQTT: command hand-over failed for %s", msg.topic)
 
     def _maybe_report_losses(self) -> None:
+        self._flush_acks()
         now = time.monotonic()
         if now - self._last_event_t < self.settings.loss_event_interval_s:
             return

@@ -4,7 +4,8 @@ Life of a message::
 
     put()  ->  row in ``outbox`` (committed before anyone may publish it)
            ->  pending() hands it to the MQTT owner thread, which publishes it
-           ->  ack() on PUBACK success deletes it
+           ->  ack() on PUBACK success removes it (its DELETE is batched with others:
+               one transaction per ack_batch rows or ack_delay_s, see ``ack``)
            ->  dead_letter() on a PUBACK reason code that can never succeed moves it to
                ``dead_letter`` (kept for inspection, never retried)
 
@@ -82,6 +83,10 @@ CREATE TABLE IF NOT EXISTS dead_letter (
 );
 """
 
+_INSERT = (
+    "INSERT INTO outbox (id, topic, payload, qos, retain, priority, created_at, expires_at, "
+    "correlation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _SELECT = (
     "SELECT id, topic, payload, qos, retain, priority, created_at, expires_at, correlation, "
     "attempts FROM outbox "
@@ -154,6 +159,8 @@ class Outbox:
         checkpoint_pages: int = 16384,
         recent_cache: int = 4096,
         max_staged: int = 10_000,
+        ack_batch: int = 512,
+        ack_delay_s: float = 0.5,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
@@ -169,6 +176,10 @@ class Outbox:
         self._dead = 0
         self._closed = False
         self._recent: deque[OutboxMessage] = deque(maxlen=max(recent_cache, 1))
+        self._acked: list[int] = []  # acknowledged rows still to DELETE (see ack())
+        self._acked_since = 0.0
+        self.ack_batch = max(1, ack_batch)
+        self.ack_delay_s = ack_delay_s
         self._stage_lock = threading.Lock()
         self._staged: deque[_Item] = deque()
         self._staged_dropped = 0
@@ -215,10 +226,61 @@ class Outbox:
         """Store one message, committed before returning (staged messages are committed first,
         in the same transaction, so ids keep publish order); its row id, or None when a
         droppable message did not fit."""
-        item = self._item(topic, payload, priority, qos, retain, expires_at, correlation)
+        size = len(payload)
+        if size > self.limits.max_message_bytes:
+            self._item(topic, payload, priority, qos, retain, expires_at, correlation)  # raises
+        created = self._clock()
         with self._lock:
             self._check_open()
-            return self._store([item])[-1]
+            limits = self.limits
+            if (
+                self._staged
+                or self._stored() + 1 > limits.max_messages
+                or self._bytes + size > limits.max_bytes
+            ):
+                item = _Item(
+                    topic, payload, priority, qos, retain, expires_at, correlation, created
+                )
+                return self._store([item])[-1]
+            # fast path (nothing staged, nothing to evict): one INSERT, its own transaction
+            row_id = self._next_id
+            try:
+                self._db.execute(
+                    _INSERT,
+                    (
+                        row_id,
+                        topic,
+                        payload,
+                        qos,
+                        int(retain),
+                        int(priority),
+                        created,
+                        expires_at,
+                        correlation,
+                    ),
+                )
+            except sqlite3.Error as exc:
+                raise OutboxStoreError(
+                    f"MQTT outbox {self.path} cannot store messages: {exc} — is the disk full?"
+                ) from exc
+            self._next_id = row_id + 1
+            self._rows[priority][row_id] = size
+            self._bytes += size
+            self._recent.append(
+                OutboxMessage(
+                    row_id,
+                    topic,
+                    payload,
+                    qos,
+                    retain,
+                    priority,
+                    created,
+                    expires_at,
+                    correlation,
+                    0,
+                )
+            )
+            return row_id
 
     def stage(
         self,
@@ -309,8 +371,7 @@ class Outbox:
                     self.dropped += len(evict)
                 new_id = self._next_id
                 self._db.execute(
-                    "INSERT INTO outbox (id, topic, payload, qos, retain, priority, created_at, "
-                    "expires_at, correlation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _INSERT,
                     (
                         new_id,
                         it.topic,
@@ -369,14 +430,33 @@ class Outbox:
         return None
 
     def ack(self, ids: Iterable[int]) -> int:
-        """Delete acknowledged rows (ids no longer present are ignored); how many went."""
+        """Acknowledged rows leave the outbox at once (depth, bounds, ``pending``); ids no
+        longer present are ignored; how many went. Their DELETE is batched: one transaction
+        per ``ack_batch`` rows or ``ack_delay_s`` (``flush_acks``), so a crash may leave the
+        last acknowledged rows stored and re-sent after the restart: duplicates with the same
+        (boot_id, seq), never a loss."""
         with self._lock:
             self._check_open()
             gone = [i for i in ids if self._forget(i)]
             if not gone:
                 return 0
-            self._delete(gone)
+            if not self._acked:
+                self._acked_since = time.monotonic()
+            self._acked.extend(gone)
+            if len(self._acked) >= self.ack_batch:
+                self._flush_acks()
             return len(gone)
+
+    def flush_acks(self, *, older_than_s: float | None = None) -> int:
+        """DELETE the acknowledged rows now (only when the oldest waits ``older_than_s``
+        or longer, if given); how many were deleted."""
+        with self._lock:
+            self._check_open()
+            if not self._acked:
+                return 0
+            if older_than_s is not None and time.monotonic() - self._acked_since < older_than_s:
+                return 0
+            return self._flush_acks()
 
     def dead_letter(self, row_id: int, reason_code: int, reason: str) -> bool:
         """Move a row to ``dead_letter`` (the broker refused it for good); False if gone."""
@@ -429,7 +509,8 @@ class Outbox:
             if gone:
                 self._delete(gone)
                 self.expired += len(gone)
-            return [topic for _, topic in rows]
+            expired = set(gone)
+            return [topic for row_id, topic in rows if row_id in expired]
 
     # --- reading -------------------------------------------------------------------------
 
@@ -449,6 +530,7 @@ class Outbox:
                 live = self._rows
                 out = [m for m in newer if m.id in live[m.priority]]
                 return out[:limit]
+            self._flush_acks()  # the database must not hand out acknowledged rows
             try:
                 rows = self._db.execute(
                     _SELECT + "WHERE id > ? ORDER BY id LIMIT ?",
@@ -504,6 +586,7 @@ class Outbox:
                 return
             try:
                 self._store([])
+                self._flush_acks()
             finally:
                 with self._stage_lock:
                     self._closed = True
@@ -544,9 +627,12 @@ class Outbox:
         self._rows = {p: OrderedDict() for p in Priority}
         self._bytes = 0
         self._recent.clear()
+        acked = set(self._acked)
         for row_id, size, prio in self._db.execute(
             "SELECT id, length(payload), priority FROM outbox ORDER BY id"
         ):
+            if row_id in acked:
+                continue
             self._rows[Priority(prio)][row_id] = size
             self._bytes += size
 
@@ -561,6 +647,16 @@ class Outbox:
                 self._bytes -= size
                 return True
         return False
+
+    def _flush_acks(self) -> int:
+        ids, self._acked = self._acked, []
+        if ids:
+            try:
+                self._delete(ids)
+            except OutboxStoreError:
+                self._acked = ids + self._acked  # retried with the next flush
+                raise
+        return len(ids)
 
     def _delete(self, ids: list[int]) -> None:
         try:

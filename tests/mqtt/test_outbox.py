@@ -4,6 +4,8 @@ dead letters, group commit."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,3 +196,41 @@ def test_a_file_from_the_autoincrement_schema_keeps_counting(tmp_path: Path) -> 
         assert [r.payload for r in ob.pending()] == [b"0", b"1"]
         new = ob.put("t", b"new", priority=CRIT)
         assert new == 8  # after the highest id ever handed out (7), not after the live ones
+
+
+def test_acked_rows_leave_at_once_and_are_deleted_in_batches(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite", recent_cache=2, ack_batch=4) as ob:
+        ids = [ob.put("t", f"{i}".encode(), priority=CRIT) for i in range(6)]
+        assert ob.ack(ids[:3]) == 3
+        assert ob.depth == 3
+        # rows 0-2 are still in the file (3 < ack_batch); the database read must skip them
+        assert [r.payload for r in ob.pending(after_id=0)] == [b"3", b"4", b"5"]
+        assert ob.flush_acks() == 0  # the read above already deleted them
+        assert ob.ack([ids[3]]) == 1
+        assert ob.flush_acks(older_than_s=3600) == 0  # not old enough yet
+        assert ob.flush_acks() == 1
+
+
+def _crash_after_acks(path: Path, flush: bool) -> None:
+    """A child that stores 5 rows, acks 3 and dies without closing (like a SIGKILL)."""
+    code = (
+        "import os, sys\n"
+        "from agent.reporting.outbox import Outbox\n"
+        "from agent.reporting.topics import Priority\n"
+        f"ob = Outbox({str(path)!r})\n"
+        "ids = [ob.put('t', str(i).encode(), priority=Priority.CRITICAL) for i in range(5)]\n"
+        "ob.ack(ids[:3])\n"
+        f"{'ob.flush_acks()' if flush else 'pass'}\n"
+        "os._exit(0)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=60)
+
+
+def test_a_crash_before_the_batched_delete_only_duplicates(tmp_path: Path) -> None:
+    _crash_after_acks(tmp_path / "a.sqlite", flush=False)
+    with Outbox(tmp_path / "a.sqlite") as ob:  # acked rows come back: re-sent, never lost
+        assert [r.payload for r in ob.pending()] == [b"0", b"1", b"2", b"3", b"4"]
+    _crash_after_acks(tmp_path / "b.sqlite", flush=True)
+    with Outbox(tmp_path / "b.sqlite") as ob:
+        assert [r.payload for r in ob.pending()] == [b"3", b"4"]
