@@ -27,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 from agent.hid.filters import check_filter, topic_matches
 from agent.hid.keyboard import check_template
@@ -105,6 +105,9 @@ class HidHostConfig(StrictModel):
 
 
 class HidKeyboardConfig(StrictModel):
+    # The template's whitespace is what gets typed (a trailing "\n" is the Enter key).
+    model_config = ConfigDict(str_strip_whitespace=False)
+
     device: Path = Field(
         default=Path("/dev/hidg1"),
         description="The keyboard function's device node (8-byte boot keyboard reports).",

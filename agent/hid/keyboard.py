@@ -261,6 +261,7 @@ class KeyboardWedge:
             "messages_queued": 0,
             "chars_queued": 0,
             "dropped_unmappable": 0,
+            "dropped_render": 0,
             "dropped_rate_limited": 0,
             "dropped_too_long": 0,
             "dropped_queue_full": 0,
@@ -277,7 +278,7 @@ class KeyboardWedge:
         try:
             text = self.template.render(topic, message)
         except (ValueError, TypeError, KeyError) as exc:
-            self._drop("dropped_unmappable", f"template cannot render {topic!r}: {exc}")
+            self._drop("dropped_render", f"template cannot render {topic!r}: {exc}")
             return False
         return self.type_text(text) if text else False
 

@@ -212,3 +212,12 @@ def test_bad_templates_fail_config_validation(template: str, error: str) -> None
 def test_config_layouts_are_the_tables() -> None:
     literal = HidKeyboardConfig.model_fields["layout"].annotation
     assert set(literal.__args__) == set(LAYOUTS)  # type: ignore[union-attr]
+
+
+def test_message_the_template_cannot_render_is_counted() -> None:
+    rec = Recorder()
+    w = wedge(rec, template="{count:>3}")
+    bad = {**DETECTIONS, "counts": {"person": "many"}}  # count must be a number
+    assert not w.offer("vision/street/detections", bad)
+    assert w.status()["dropped_render"] == 1
+    assert w.offer("vision/street/detections", DETECTIONS)  # the next one is typed

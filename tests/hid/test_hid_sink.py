@@ -26,7 +26,7 @@ from agent.hid.protocol import (
     decode_json,
     decode_text,
 )
-from agent.hid_config import HidConfig
+from agent.hid_config import HidConfig, HidKeyboardConfig
 from agent.reporting import open_reporting
 from agent.reporting.hid import HidSink
 from pipelines.errors import SinkError
@@ -256,6 +256,9 @@ def test_config_in_agent_config_and_described() -> None:
     assert cfg.reporting.hid is not None
     assert cfg.reporting.hid.keyboard is not None
     assert cfg.reporting.hid.keyboard.layout == "de"
+    assert cfg.reporting.hid.keyboard.template == "{label} {count}\n"  # whitespace is typed
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        HidKeyboardConfig.model_validate({"colour": 1})  # still strict
     schema = HidConfig.model_json_schema()
 
     def described(node: Any, where: str) -> None:
@@ -281,3 +284,24 @@ def test_config_in_agent_config_and_described() -> None:
 )
 def test_topic_filters(pattern: str, topic: str, match: bool) -> None:
     assert topic_matches(pattern, topic) is match
+
+
+def test_example_config_commented_hid_block_validates(tmp_path: Path) -> None:
+    from agent.configfile import load_config
+
+    example = Path(__file__).resolve().parents[2] / "deploy" / "agent.example.toml"
+    text = example.read_text(encoding="utf-8")
+    begin = text.index("# --- hid example begin\n")
+    end = text.index("# --- hid example end\n")
+    block = text[begin:end].splitlines()[1:]
+    assert block
+    assert all(line.startswith("# ") for line in block)
+    enabled = text[:begin] + "\n".join(line[2:] for line in block) + "\n" + text[end:]
+    path = tmp_path / "agent.toml"
+    path.write_text(enabled, encoding="utf-8")
+    config = load_config(path)
+    hid = config.reporting.hid
+    assert hid is not None
+    assert hid.gadget.device == Path("/dev/hidg0")
+    assert hid.keyboard is not None
+    assert hid.keyboard.template == "{label} {count}\n"
