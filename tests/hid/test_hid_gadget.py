@@ -304,3 +304,35 @@ def test_wrong_report_size_is_an_error_not_a_write(fifo: tuple[Path, int]) -> No
     assert t.write(b"short", deadline=0.0) is Outcome.ERROR
     assert drain(rfd) == b""
     t.close()
+
+
+def test_stale_messages_are_dropped_not_sent(fifo: tuple[Path, int]) -> None:
+    """A host that comes back gets fresh results, not a backlog: messages that waited longer
+    than max_age are dropped (counted) when their turn comes."""
+    path, rfd = fifo
+    now = [0.0]
+    writer = ReportWriter(
+        GadgetTransport(path, REPORT_SIZE), name="t", max_age_s=2.0, clock=lambda: now[0]
+    )
+    old = messages(3)
+    for m in old:
+        assert writer.submit(m)
+    now[0] = 5.0  # they waited 5 s before the writer got to them
+    fresh = messages(1)[0]
+    assert writer.submit(fresh)
+    writer.start()
+    assert writer.flush(10)
+    status = writer.status()
+    assert writer.close()
+    assert status["dropped"]["stale"] == 3
+    assert status["messages_written"] == 1
+    assert split(drain(rfd)) == fresh
+
+
+def test_submit_after_close_is_refused_and_counted(fifo: tuple[Path, int]) -> None:
+    path, _ = fifo
+    writer = ReportWriter(GadgetTransport(path, REPORT_SIZE), name="t")
+    writer.start()
+    assert writer.close()
+    assert not writer.submit(messages(1)[0])
+    assert writer.status()["dropped"]["closed"] == 1
