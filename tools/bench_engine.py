@@ -5,12 +5,14 @@ letterboxed as the model wants). Throughput is measured in interleaved blocks (b
 engine-pipelined, then the next round in another order) so a noisy, shared machine hurts every
 variant alike; the ratio is engine calls/s over bare calls/s from this one run (target >= 0.98).
 The allocation profile runs ``--calls`` engine calls under tracemalloc and compares the first and
-last windows (live blocks/bytes attributed to ``engines/``, and the peak inside each window).
+last windows (live blocks/bytes attributed to ``engines/`` after a full ``gc.collect()``, which
+empties CPython's tuple/float free lists that tracemalloc would otherwise count as live, and the
+peak rise inside each window, which would show any per-call array).
 
 On a machine where tensorrt and pycuda import, the same tool builds an FP16 plan and compares the
 TensorRT memory modes pinned / mapped / pageable; elsewhere that section says "skipped" and why.
 
-    python tools/bench_engine.py [--calls 5000] [--blocks 10] [--block-calls 100]
+    python tools/bench_engine.py [--calls 5000] [--blocks 40] [--block-calls 25]
 
 Writes docs/benchmarks/engine.json and docs/benchmarks/engine.png; prints a summary.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -121,6 +124,7 @@ def _allocation_profile(engine: OnnxRuntimeEngine, feed: dict[str, np.ndarray], 
                 engine.infer(feed)
             traced, peak = tracemalloc.get_traced_memory()
             done += count
+            gc.collect()  # empties CPython's free lists, which tracemalloc counts as live
             snapshot = tracemalloc.take_snapshot().filter_traces(engine_frames)
             snapshots = [snapshots[0], snapshot] if snapshots else [snapshot]
             stats = snapshot.statistics("lineno")
@@ -229,8 +233,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=5000, help="calls in the allocation profile")
     parser.add_argument("--window", type=int, default=250, help="calls per allocation window")
-    parser.add_argument("--blocks", type=int, default=10, help="interleaved throughput rounds")
-    parser.add_argument("--block-calls", type=int, default=100, help="calls per block")
+    parser.add_argument("--blocks", type=int, default=40, help="interleaved throughput rounds")
+    parser.add_argument("--block-calls", type=int, default=25, help="calls per block")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (both sides)")
     parser.add_argument("--trt-calls", type=int, default=1000, help="calls per TensorRT mode")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
