@@ -24,6 +24,9 @@ sys.path.insert(0, str(ROOT))
 from pydantic import BaseModel, Field, TypeAdapter  # noqa: E402
 from pydantic.json_schema import models_json_schema  # noqa: E402
 
+from agent.commands.builtins import register_builtins  # noqa: E402
+from agent.commands.registry import CommandRegistry  # noqa: E402
+from agent.control import register_agent_commands  # noqa: E402
 from agent.reporting import messages as m  # noqa: E402
 from agent.reporting.mqtt import PERMANENT_FAILURES  # noqa: E402
 
@@ -163,8 +166,24 @@ SENT = [
 RETAINED = ("status", "haDiscovery")
 
 
+def command_registry() -> CommandRegistry:
+    """Every command the agent registers (handlers never called here)."""
+    registry = CommandRegistry()
+    register_builtins(registry, status=dict, config=dict)
+    register_agent_commands(registry, None)  # type: ignore[arg-type]
+    return registry
+
+
 def build_document() -> dict[str, Any]:
-    _, top = models_json_schema([(model, "validation") for model in MODELS], ref_template=REF)
+    registry = command_registry()
+    specs = [registry.get(name) for name in registry.names()]
+    arg_models = sorted(
+        {spec.args_model for spec in specs if spec is not None and spec.args_model is not None},
+        key=lambda model: model.__name__,
+    )
+    _, top = models_json_schema(
+        [(model, "validation") for model in [*MODELS, *arg_models]], ref_template=REF
+    )
     schemas: dict[str, Any] = dict(top["$defs"])
     event_union = TypeAdapter(
         Annotated[m.AuditEvent | m.OutboxEvent, Field(discriminator="kind")]
@@ -204,6 +223,20 @@ def build_document() -> dict[str, Any]:
             + f"; {stamp}).",
             "bindings": {"mqtt": {"qos": 1, "retain": cid in RETAINED, "bindingVersion": "0.2.0"}},
         }
+    commands: dict[str, Any] = {}
+    for spec in specs:
+        if spec is None:  # pragma: no cover - names() lists registered specs
+            continue
+        entry: dict[str, Any] = {
+            "description": spec.description,
+            "class": spec.command_class,
+            "signed": spec.command_class == "critical",
+            "longRunning": spec.long_running,
+        }
+        if spec.args_model is not None:
+            entry["args"] = {"$ref": REF.format(model=spec.args_model.__name__)}
+        commands[spec.name] = entry
+    channels["command"]["x-commands"] = commands
     operations["receive_command"] = {
         "action": "receive",
         "channel": {"$ref": "#/channels/command"},

@@ -215,6 +215,7 @@ class MqttReporter:
         self._max_packet: int | None = None
         self._status_mid = _STATUS_MID_NONE
         self._last_event_t = 0.0
+        self._next_ack_flush = 0.0
         self._reported = {"dropped": 0, "refused": 0, "expired": 0, "dead_letter": 0}
         self._last_dead_topic: str | None = None
         self._last_dead_code: int | None = None
@@ -898,7 +899,12 @@ class MqttReporter:
         del client
 
     def _flush_acks(self) -> None:
-        """DELETE acknowledged rows the outbox batches once the oldest waited long enough."""
+        """DELETE acknowledged rows the outbox batches once the oldest waited long enough
+        (looked at every ``ack_delay_s / 2``, not every loop: the call takes the outbox lock)."""
+        now = time.monotonic()
+        if now < self._next_ack_flush:
+            return
+        self._next_ack_flush = now + self.outbox.ack_delay_s / 2
         try:
             self.outbox.flush_acks(older_than_s=self.outbox.ack_delay_s)
         except ReportingError as exc:

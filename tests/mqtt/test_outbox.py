@@ -6,6 +6,8 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -234,3 +236,45 @@ def test_a_crash_before_the_batched_delete_only_duplicates(tmp_path: Path) -> No
     _crash_after_acks(tmp_path / "b.sqlite", flush=True)
     with Outbox(tmp_path / "b.sqlite") as ob:
         assert [r.payload for r in ob.pending()] == [b"3", b"4"]
+
+
+def test_pending_from_a_long_backlog_starts_right_after_the_cursor(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite") as ob:
+        ids = [ob.put("t", f"{i}".encode(), priority=CRIT) for i in range(1000)]
+        assert ob.ack([ids[502]]) == 1
+        page = ob.pending(after_id=ids[499], limit=5)
+        assert [r.payload for r in page] == [b"500", b"501", b"503", b"504", b"505"]
+        assert ob.pending(after_id=ids[-1]) == []
+
+
+def test_puts_and_acks_from_two_threads_stay_consistent(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite", ack_batch=64) as ob:
+        done = threading.Event()
+        errors: list[BaseException] = []
+        sent: list[int] = []
+
+        def owner() -> None:  # like the MQTT owner: read what is new, ack it
+            cursor = 0
+            try:
+                while not (done.is_set() and ob.depth == 0):
+                    rows = ob.pending(after_id=cursor, limit=20)
+                    if not rows:
+                        time.sleep(0.001)
+                        continue
+                    cursor = rows[-1].id
+                    sent.extend(r.id for r in rows)
+                    ob.ack([r.id for r in rows])
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+
+        thread = threading.Thread(target=owner)
+        thread.start()
+        ids = [ob.put("t", f"{i}".encode(), priority=CRIT) for i in range(3000)]
+        done.set()
+        thread.join(60)
+        assert not errors
+        assert sent == ids  # every row handed out once, in order
+        assert ob.depth == 0
+        assert ob.flush_acks() >= 0
+    with Outbox(tmp_path / "o.sqlite") as again:
+        assert again.pending() == []
