@@ -540,9 +540,9 @@ class Outbox:
                     return []
                 if recent[start].id == after_id + 1:
                     found: list[OutboxMessage] = []
-                    rows = self._rows
+                    index = self._rows
                     for msg in itertools.islice(recent, start, None):
-                        if msg.id in rows[msg.priority]:
+                        if msg.id in index[msg.priority]:
                             found.append(msg)
                             if len(found) >= limit:
                                 break
