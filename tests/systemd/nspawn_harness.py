@@ -60,7 +60,8 @@ _log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = "bookworm"
-PACKAGES = ("python3", "python3-venv", "systemd", "systemd-sysv", "dbus")
+# libgomp1: the OpenMP runtime that llama-cpp-python's libllama.so links against.
+PACKAGES = ("python3", "python3-venv", "systemd", "systemd-sysv", "dbus", "libgomp1")
 VENV = "/opt/edge-agent/venv"
 AGENT_UNIT = "edge-agent.service"
 HOST_TOOLS = ("systemd-nspawn", "debootstrap", "nsenter", "tar", "zstd")
@@ -278,6 +279,10 @@ def base_rootfs_tarball(timings: dict[str, object]) -> tuple[Path, PythonTarget]
             target = python_target(rootfs)
             facts.write_text(target.to_json())
             _pack(rootfs, tarball)
+        for stale in root.glob(f"{SUITE}-*"):  # other bases and everything built on them
+            if stale not in {tarball, facts}:
+                _log.info("pruning stale cache entry %s", stale)
+                stale.unlink()
         timings["debootstrap_s"] = round(time.monotonic() - started, 1)
         return tarball, target
 
