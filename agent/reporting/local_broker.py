@@ -134,12 +134,13 @@ class LocalBroker:
                 if self._launch(timeout_s):
                     self._record()
                     _log.info(
-                        "local MQTT broker on 127.0.0.1:%d (mosquitto, folder %s); watch it with: "
-                        "mosquitto_sub -h 127.0.0.1 -p %d -t '%s/#' -v",
+                        "local MQTT broker on 127.0.0.1:%d; watch it with: mosquitto_sub -h "
+                        "127.0.0.1 -p %d -t '%s/#' -v (commands: user %s, password in %s)",
                         self.port,
-                        self.folder,
                         self.port,
                         self.topic_root,
+                        CONTROLLER,
+                        self.controller_password_file,
                     )
                     return
             except OSError as exc:
