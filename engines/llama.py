@@ -376,18 +376,31 @@ class LlamaEngine:
                 close()
 
     def _grammar(self, sampling: Sampling) -> Any:
+        """A ``LlamaGrammar`` for the request, parsed by llama.cpp here first: llama-cpp-python
+        hands the text to ``llama_sampler_init_grammar`` without checking its result, and a
+        grammar that does not parse would then crash the process."""
         if sampling.grammar is None and sampling.json_schema is None:
             return None
         grammar_mod = importlib.import_module("llama_cpp.llama_grammar")
+        what = "JSON schema" if sampling.json_schema is not None else "grammar"
         try:
             if sampling.json_schema is not None:
-                return grammar_mod.LlamaGrammar.from_json_schema(
+                grammar = grammar_mod.LlamaGrammar.from_json_schema(
                     json.dumps(sampling.json_schema), verbose=False
                 )
-            return grammar_mod.LlamaGrammar.from_string(sampling.grammar, verbose=False)
-        except (ValueError, RuntimeError, TypeError, KeyError) as exc:
-            what = "JSON schema" if sampling.json_schema is not None else "grammar"
+            else:
+                grammar = grammar_mod.LlamaGrammar.from_string(sampling.grammar, verbose=False)
+        except (ValueError, RuntimeError, TypeError, KeyError, RecursionError) as exc:
             raise InputSpecError(f"the {what} cannot be used: {exc}") from exc
+        text = str(grammar._grammar).encode("utf-8")  # the GBNF text (no public accessor)
+        sampler = self._rt.llama_sampler_init_grammar(self._vocab, text, b"root")
+        if not sampler:
+            raise InputSpecError(
+                f"the {what} does not parse as a llama.cpp GBNF grammar with a `root` rule "
+                "(see llama.cpp's grammars/README.md)"
+            )
+        self._rt.llama_sampler_free(sampler)
+        return grammar
 
     # ------------------------------------------------------------------ state
 
@@ -433,7 +446,9 @@ class LlamaEngine:
         batches (``n_p_eval``), single-token decodes (``n_eval``), their times in ms. llama.cpp
         reports a count of 0 as 1."""
         self._check()
-        data = self._rt.llama_perf_context(self._llama.ctx)
+        ctx = self._llama.ctx
+        self._rt.llama_synchronize(ctx)  # llama.cpp books queued tokens when it synchronises
+        data = self._rt.llama_perf_context(ctx)
         return {
             "n_p_eval": int(data.n_p_eval),
             "n_eval": int(data.n_eval),
@@ -443,7 +458,9 @@ class LlamaEngine:
         }
 
     def reset_perf(self) -> None:
+        """Zero the counters (after booking what llama.cpp still has queued)."""
         self._check()
+        self._rt.llama_synchronize(self._llama.ctx)
         self._rt.llama_perf_context_reset(self._llama.ctx)
 
     def status(self) -> dict[str, Any]:

@@ -7,6 +7,9 @@
   block with timeouts, so they come round at least once per timeout). The agent's watchdog only
   pings systemd while every critical worker has beaten within its interval.
 - ``Pipeline``: what the agent starts, stops and asks for status.
+- ``ResultFeed``: lets a pipeline see what the other pipelines publish (the LLM narrator reads
+  vision detections); the agent hands one in ``PipelineContext.results``
+  (``pipelines.feed.ResultTee`` implements it).
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ from typing import Any, Protocol, runtime_checkable
 
 from engines.manifest import ModelManifest
 
-__all__ = ["Heartbeats", "Pipeline", "PipelineContext", "ResolvedModel", "ResultSink"]
+__all__ = [
+    "Heartbeats",
+    "Pipeline",
+    "PipelineContext",
+    "ResolvedModel",
+    "ResultFeed",
+    "ResultListener",
+    "ResultSink",
+]
 
 
 @runtime_checkable
@@ -32,6 +43,20 @@ class ResultSink(Protocol):
 
     def close(self) -> None:
         """Flush and release; publish after close raises ``pipelines.errors.SinkError``."""
+        ...
+
+
+ResultListener = Callable[[str, Mapping[str, Any]], None]
+"""``listener(topic, message)``: called on the publishing thread, so it must only take a note."""
+
+
+@runtime_checkable
+class ResultFeed(Protocol):
+    """Messages published by pipelines, for other pipelines to watch."""
+
+    def subscribe(self, listener: ResultListener) -> Callable[[], None]:
+        """Call ``listener`` for every message published from now on; returns the function
+        that unsubscribes it."""
         ...
 
 
@@ -95,6 +120,8 @@ class PipelineContext:
     resolve_data: Callable[[str], Path]
     process_cpus: frozenset[int]
     stage_cpus: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    results: ResultFeed | None = None
+    """What every pipeline publishes (the agent's ``ResultTee``); None: not available."""
 
     def cpus_for(self, stage: str) -> frozenset[int]:
         return self.stage_cpus.get(stage, self.process_cpus)

@@ -1,4 +1,4 @@
-"""Pipeline configuration: a discriminated union on ``type`` (vision now, llm later).
+"""Pipeline configuration: a discriminated union on ``type`` (``vision``, ``llm``).
 
 A vision pipeline reads frames from one or more sources (a discriminated union on the source's
 ``type``: ``file``, ``stream``, ``v4l2``, ``gstreamer``), runs them through one detector and
@@ -13,10 +13,12 @@ from pydantic import Field, model_validator
 
 from engines.config import EngineConfig
 from engines.configbase import StrictModel
+from pipelines.llm.config import LlmPipelineConfig
 
 __all__ = [
     "FileSourceConfig",
     "GStreamerSourceConfig",
+    "LlmPipelineConfig",
     "PipelineConfig",
     "SourceConfig",
     "StageNames",
@@ -240,4 +242,8 @@ class VisionPipelineConfig(StrictModel):
         return [s.name or f"{s.type}{i}" for i, s in enumerate(self.sources)]
 
 
-PipelineConfig = VisionPipelineConfig
+PipelineConfig = Annotated[
+    Union[VisionPipelineConfig, LlmPipelineConfig],  # noqa: UP007 - pydantic discriminated union
+    Field(discriminator="type", description="A pipeline; selected by its `type` key."),
+]
+"""Every pipeline kind, by its ``type`` key (``vision``; ``llm``: see pipelines.llm.config)."""

@@ -13,6 +13,7 @@ report the engine's own reason. Library errors (OpenCV, NumPy) are translated at
     ├── DecoderError                  decoder_failed
     │                             └── DecoderMismatchErrordecoder_mismatch
     ├── SinkError                 sink_failed             a result sink could not take a result
+    ├── PipelineBusyError         pipeline_busy           request queue full (LLM): retry later
     └── PipelineStateError        pipeline_state_invalid  start/stop in the wrong state
 """
 
@@ -23,6 +24,7 @@ from typing import ClassVar
 __all__ = [
     "DecoderError",
     "DecoderMismatchError",
+    "PipelineBusyError",
     "PipelineConfigError",
     "PipelineError",
     "PipelineStateError",
@@ -74,3 +76,7 @@ class SinkError(PipelineError):
 
 class PipelineStateError(PipelineError):
     reason = "pipeline_state_invalid"
+
+
+class PipelineBusyError(PipelineError):
+    reason = "pipeline_busy"

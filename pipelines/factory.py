@@ -14,7 +14,7 @@ import logging
 from engines.base import TensorEngine, TensorSpec
 from engines.registry import build_engine
 from pipelines.base import Pipeline, PipelineContext
-from pipelines.config import PipelineConfig, VisionPipelineConfig
+from pipelines.config import LlmPipelineConfig, PipelineConfig, VisionPipelineConfig
 from pipelines.errors import DecoderMismatchError, PipelineConfigError
 from pipelines.vision.decoders import build_decoder
 from pipelines.vision.pipeline import VisionPipeline
@@ -33,7 +33,11 @@ def build_pipeline(config: PipelineConfig, ctx: PipelineContext) -> Pipeline:
     """The pipeline for one ``[[pipelines]]`` entry (not started)."""
     if isinstance(config, VisionPipelineConfig):
         return build_vision_pipeline(config, ctx)
-    raise PipelineConfigError(  # pragma: no cover - the union has one member today
+    if isinstance(config, LlmPipelineConfig):
+        from pipelines.llm.build import build_llm_pipeline  # noqa: PLC0415 - llama.cpp on use
+
+        return build_llm_pipeline(config, ctx)
+    raise PipelineConfigError(  # pragma: no cover - every member of the union is handled
         f"pipeline type {getattr(config, 'type', '?')!r} is not supported"
     )
 
