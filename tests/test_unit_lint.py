@@ -166,11 +166,27 @@ def test_unit_declares_the_required_service_contract() -> None:
     }
 
 
-def test_sysusers_entry_creates_the_unit_user() -> None:
-    user = _unit_settings()["Service.User"][0]
-    entries = [
-        line.split()
-        for line in SYSUSERS.read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    assert ["u", user] in [e[:2] for e in entries]
+def test_sysusers_entry_creates_the_unit_user(tmp_path: Path) -> None:
+    """systemd-sysusers applies the entry to an empty root: the unit's User= and Group= exist."""
+    tool = shutil.which("systemd-sysusers")
+    if tool is None:
+        pytest.fail("systemd-sysusers not found: install the `systemd` package")
+    settings = _unit_settings()
+    (tmp_path / "etc").mkdir()
+    proc = subprocess.run(
+        [tool, f"--root={tmp_path}", str(SYSUSERS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    users = {
+        line.split(":")[0]: line.split(":")
+        for line in (tmp_path / "etc/passwd").read_text().splitlines()
+    }
+    groups = {line.split(":")[0] for line in (tmp_path / "etc/group").read_text().splitlines()}
+    user = users[settings["Service.User"][0]]
+    assert settings["Service.Group"][0] in groups
+    assert user[6].endswith("nologin"), "no login shell"
+    assert int(user[2]) < 1000, "a system user"
