@@ -71,54 +71,56 @@ def _prompt(i: int) -> str:
     return f"Report number {1000 + i * 7919}.\n{BASE_PROMPT}"
 
 
-# ------------------------------------------------------------------------------ raw
+# ------------------------------------------------------------------------------ sides
 
 
-def bench_raw(path: Path, args: argparse.Namespace, threads: int) -> dict[str, Any]:
-    import llama_cpp
-    from llama_cpp import Llama
+class RawSide:
+    """Plain llama-cpp-python: ``Llama.generate`` + ``detokenize`` per token."""
 
-    llm = Llama(
-        model_path=str(path),
-        n_ctx=args.n_ctx,
-        n_batch=args.n_batch,
-        n_ubatch=args.n_batch,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    ttft, rate, tokens = [], [], []
-    try:
-        for i in range(args.warmup + args.rounds):
-            prompt = llm.tokenize(_prompt(i).encode(), add_bos=True, special=True)
-            t0 = time.perf_counter()
-            first = last = 0.0
-            n = 0
-            for token in llm.generate(prompt, temp=0.0, top_k=40, top_p=0.95, min_p=0.05):
-                now = time.perf_counter()
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    break
-                llm.detokenize([token])
-                if n == 0:
-                    first = now
-                last = now
-                n += 1
-                if n >= args.max_tokens:
-                    break
-            if i >= args.warmup:
-                ttft.append((first - t0) * 1000)
-                rate.append((n - 1) / (last - first))
-                tokens.append(n)
-    finally:
-        llm.close()
-    return {"ttft_ms": ttft, "decode_tok_s": rate, "tokens": tokens}
+    name = "raw"
+
+    def __init__(self, path: Path, args: argparse.Namespace, threads: int) -> None:
+        import llama_cpp
+        from llama_cpp import Llama
+
+        self._rt = llama_cpp
+        self.llm = Llama(
+            model_path=str(path),
+            n_ctx=args.n_ctx,
+            n_batch=args.n_batch,
+            n_ubatch=args.n_batch,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self._max = args.max_tokens
+
+    def run(self, prompt: str) -> tuple[float, float, int]:
+        """(TTFT ms, decode tok/s, tokens)."""
+        llm = self.llm
+        t0 = time.perf_counter()
+        tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        first = last = 0.0
+        n = 0
+        for token in llm.generate(tokens, temp=0.0, top_k=40, top_p=0.95, min_p=0.05):
+            now = time.perf_counter()
+            if self._rt.llama_vocab_is_eog(self._vocab, token):
+                break
+            llm.detokenize([token])
+            if n == 0:
+                first = now
+            last = now
+            n += 1
+            if n >= self._max:
+                break
+        return (first - t0) * 1000, (n - 1) / (last - first), n
+
+    def close(self) -> None:
+        self.llm.close()
 
 
-# ------------------------------------------------------------------------------ pipeline
-
-
-def _pipeline(path_name: str, args: argparse.Namespace, sink: Any) -> Any:
+def _pipeline(model: str, args: argparse.Namespace, sink: Any) -> Any:
     from llm_support import make_context, model_store
 
     from pipelines.config import LlmPipelineConfig
@@ -128,7 +130,7 @@ def _pipeline(path_name: str, args: argparse.Namespace, sink: Any) -> Any:
         {
             "type": "llm",
             "name": "bench",
-            "model": path_name,
+            "model": model,
             "engine": {"n_ctx": args.n_ctx, "n_batch": args.n_batch},
             "defaults": {"temperature": 0.0, "max_tokens": args.max_tokens, "deadline_s": 600},
             "queue_size": 4,
@@ -148,40 +150,153 @@ class _NullSink:
         pass
 
 
-def bench_pipeline(model: str, args: argparse.Namespace) -> dict[str, Any]:
-    from pipelines.llm.requests import GenerateRequest
+class PipelineSide:
+    """``LlmPipeline.submit`` in this process; TTFT at the first ``on_chunk``."""
 
-    pipeline = _pipeline(model, args, _NullSink())
-    out: dict[str, Any] = {"ttft_ms": [], "decode_tok_s": [], "tokens": [], "inner_ttft_ms": []}
-    try:
-        for i in range(args.warmup + args.rounds):
-            stamp: list[float] = []
+    name = "pipeline"
 
-            def on_chunk(_rid: str, _index: int, _text: str, got: list[float] = stamp) -> None:
-                if not got:
-                    got.append(time.perf_counter())
+    def __init__(self, model: str, args: argparse.Namespace) -> None:
+        self.pipeline = _pipeline(model, args, _NullSink())
 
-            t0 = time.perf_counter()
-            handle = pipeline.submit(GenerateRequest(prompt=_prompt(i)), on_chunk=on_chunk)
-            result = handle.wait(600)
-            if result is None or result["status"] != "completed":
-                raise RuntimeError(f"pipeline round failed: {result}")
+    def run(self, prompt: str) -> tuple[float, float, int]:
+        from pipelines.llm.requests import GenerateRequest
+
+        stamp: list[float] = []
+
+        def on_chunk(_rid: str, _index: int, _text: str) -> None:
+            if not stamp:
+                stamp.append(time.perf_counter())
+
+        t0 = time.perf_counter()
+        handle = self.pipeline.submit(GenerateRequest(prompt=prompt), on_chunk=on_chunk)
+        result = handle.wait(600)
+        if result is None or result["status"] != "completed":
+            raise RuntimeError(f"pipeline round failed: {result}")
+        timing = result["timing"]
+        return (
+            (stamp[0] - t0) * 1000,
+            timing["decode_tokens_per_s"],
+            result["usage"]["completion_tokens"],
+        )
+
+    def close(self) -> None:
+        self.pipeline.stop(60)
+
+
+class MqttSide:
+    """The whole agent (LLM pipeline + MQTT reporting and commands) against a local
+    mosquitto; a controller sends ``llm.generate``, TTFT at the first stream message."""
+
+    name = "mqtt"
+
+    def __init__(self, model: str, args: argparse.Namespace) -> None:
+        from broker_support import PASSWORD, open_monitor, running_broker
+        from llm_support import model_store
+
+        from agent.config import AgentConfig
+        from agent.process import Agent
+
+        self.device = "dev001"
+        store = model_store()
+        self._broker_cm = running_broker()
+        broker = self._broker_cm.__enter__()
+        self._tmp = tempfile.TemporaryDirectory()
+        tmp = Path(self._tmp.name)
+        (tmp / "pw").write_text(PASSWORD + "\n")
+        config = AgentConfig.model_validate(
+            {
+                "device_id": self.device,
+                "state_dir": str(tmp / "state"),
+                "models": {
+                    "store_dir": str(store.store_dir),
+                    "wheel_cache_dir": str(store.wheel_cache_dir),
+                },
+                "reporting": {
+                    "jsonl": {"enabled": False},
+                    "mqtt": {
+                        "port": broker.port,
+                        "username": self.device,
+                        "password_file": str(tmp / "pw"),
+                        "commands": {
+                            "trusted_keys_dir": str(tmp / "keys"),
+                            "rate_limits": {"control": {"rate_per_s": 100, "burst": 100}},
+                        },
+                    },
+                },
+                "pipelines": [
+                    {
+                        "type": "llm",
+                        "name": "bench",
+                        "model": model,
+                        "engine": {"n_ctx": args.n_ctx, "n_batch": args.n_batch},
+                        "defaults": {
+                            "temperature": 0.0,
+                            "max_tokens": args.max_tokens,
+                            "deadline_s": 600,
+                        },
+                    }
+                ],
+            }
+        )
+        self.mon = open_monitor(broker, f"edge/{self.device}/llm/#")
+        self.agent = Agent(config, environ={})
+        self.agent.start()
+        if self.agent.mqtt is None or not self.agent.mqtt.reporter.wait_connected(30):
+            raise RuntimeError("agent did not connect to the broker")
+        self._n = 0
+
+    def run(self, prompt: str) -> tuple[float, float, int]:
+        from commands_support import envelope
+
+        self._n += 1
+        rid = f"bench-{self._n}-{os.getpid()}"
+        env = envelope(args={"prompt": prompt, "request_id": rid})
+        t0 = time.perf_counter()
+        self.mon.send(f"edge/{self.device}/cmd/llm.generate", json.dumps(env))
+        first = self.mon.wait_for(lambda m: m.topic.endswith(f"/{rid}/stream"), 600)
+        t_first = time.perf_counter()
+        done = self.mon.wait_for(lambda m: m.topic.endswith(f"/{rid}/result"), 600)
+        if not first or not done:
+            raise RuntimeError("no stream/result over MQTT")
+        result = json.loads(done[0].payload)
+        return (
+            (t_first - t0) * 1000,
+            result["timing"]["decode_tokens_per_s"],
+            result["usage"]["completion_tokens"],
+        )
+
+    def close(self) -> None:
+        from broker_support import close_monitor
+
+        try:
+            self.agent.stop()
+            close_monitor(self.mon)
+        finally:
+            self._broker_cm.__exit__(None, None, None)
+            self._tmp.cleanup()
+
+
+def interleaved(sides: list[Any], args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """Every round runs each side once (order rotated per round) on that round's prompt."""
+    out: dict[str, dict[str, list[float]]] = {
+        side.name: {"ttft_ms": [], "decode_tok_s": [], "tokens": []} for side in sides
+    }
+    for i in range(args.warmup + args.rounds):
+        order = sides[i % len(sides) :] + sides[: i % len(sides)]
+        for side in order:
+            ttft, rate, n = side.run(_prompt(i))
             if i >= args.warmup:
-                out["ttft_ms"].append((stamp[0] - t0) * 1000)
-                out["inner_ttft_ms"].append(result["timing"]["ttft_ms"])
-                out["decode_tok_s"].append(result["timing"]["decode_tokens_per_s"])
-                out["tokens"].append(result["usage"]["completion_tokens"])
-        out["cancel"] = _cancel_latency(pipeline, args)
-        out["prefix"] = _prefix_cache(pipeline, args)
-    finally:
-        pipeline.stop(60)
+                out[side.name]["ttft_ms"].append(ttft)
+                out[side.name]["decode_tok_s"].append(rate)
+                out[side.name]["tokens"].append(n)
+        print(f"round {i + 1}/{args.warmup + args.rounds} done", file=sys.stderr)
     return out
 
 
 def _cancel_latency(pipeline: Any, args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.llm.requests import GenerateRequest
 
-    decode_ms, prompt_ms, steps_ms = [], [], []
+    decode_ms, prompt_ms = [], []
     for i in range(args.rounds):
         seen = threading.Event()
         count = [0]
@@ -199,12 +314,10 @@ def _cancel_latency(pipeline: Any, args: argparse.Namespace) -> dict[str, Any]:
         )
         seen.wait(300)
         t0 = time.perf_counter()
-        pipeline.cancel(handle.request_id, wait_s=60)
+        outcome = pipeline.cancel(handle.request_id, wait_s=60)
         decode_ms.append((time.perf_counter() - t0) * 1000)
-        result = handle.wait(60) or {}
-        rate = (result.get("timing") or {}).get("decode_tokens_per_s")
-        if rate:
-            steps_ms.append(1000.0 / rate)
+        if outcome is None or (outcome["stage"], outcome["status"]) != ("decode", "cancelled"):
+            raise RuntimeError(f"decode cancel did not land in decode: {outcome}")
         # during prompt evaluation: a long prompt, cancelled once evaluation is under way
         long_prompt = _prompt(200 + i) + " " + BASE_PROMPT * 8
         handle = pipeline.submit(GenerateRequest(prompt=long_prompt, max_tokens=4))
@@ -218,13 +331,11 @@ def _cancel_latency(pipeline: Any, args: argparse.Namespace) -> dict[str, Any]:
                 break
             time.sleep(0.001)
         t0 = time.perf_counter()
-        pipeline.cancel(handle.request_id, wait_s=60)
+        outcome = pipeline.cancel(handle.request_id, wait_s=60)
         prompt_ms.append((time.perf_counter() - t0) * 1000)
-    return {
-        "decode_cancel_ms": decode_ms,
-        "prompt_cancel_ms": prompt_ms,
-        "decode_step_ms": steps_ms,
-    }
+        if outcome is None or outcome["stage"] != "prompt_eval":
+            raise RuntimeError(f"prompt cancel did not land in prompt evaluation: {outcome}")
+    return {"decode_cancel_ms": decode_ms, "prompt_cancel_ms": prompt_ms}
 
 
 def _prefix_cache(pipeline: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -263,84 +374,6 @@ def _prefix_cache(pipeline: Any, args: argparse.Namespace) -> dict[str, Any]:
         warm.append(second["client_ttft_ms"])
         prefix_tokens.append(second["usage"]["prompt_tokens_cached"])
     return {"cold_ttft_ms": cold, "cached_ttft_ms": warm, "prefix_tokens": prefix_tokens}
-
-
-# ------------------------------------------------------------------------------ mqtt
-
-
-def bench_mqtt(model: str, args: argparse.Namespace) -> dict[str, Any]:
-    from broker_support import PASSWORD, close_monitor, open_monitor, running_broker
-    from commands_support import envelope
-    from llm_support import model_store
-
-    from agent.config import AgentConfig
-    from agent.process import Agent
-
-    device = "dev001"
-    store = model_store()
-    out: dict[str, Any] = {"ttft_ms": [], "decode_tok_s": [], "tokens": []}
-    with running_broker() as broker, tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "pw").write_text(PASSWORD + "\n")
-        config = AgentConfig.model_validate(
-            {
-                "device_id": device,
-                "state_dir": str(Path(tmp) / "state"),
-                "models": {
-                    "store_dir": str(store.store_dir),
-                    "wheel_cache_dir": str(store.wheel_cache_dir),
-                },
-                "reporting": {
-                    "jsonl": {"enabled": False},
-                    "mqtt": {
-                        "port": broker.port,
-                        "username": device,
-                        "password_file": str(Path(tmp) / "pw"),
-                        "commands": {
-                            "trusted_keys_dir": str(Path(tmp) / "keys"),
-                            "rate_limits": {"control": {"rate_per_s": 100, "burst": 100}},
-                        },
-                    },
-                },
-                "pipelines": [
-                    {
-                        "type": "llm",
-                        "name": "bench",
-                        "model": model,
-                        "engine": {"n_ctx": args.n_ctx, "n_batch": args.n_batch},
-                        "defaults": {
-                            "temperature": 0.0,
-                            "max_tokens": args.max_tokens,
-                            "deadline_s": 600,
-                        },
-                    }
-                ],
-            }
-        )
-        mon = open_monitor(broker, f"edge/{device}/llm/#")
-        agent = Agent(config, environ={})
-        try:
-            agent.start()
-            if agent.mqtt is None or not agent.mqtt.reporter.wait_connected(30):
-                raise RuntimeError("agent did not connect to the broker")
-            for i in range(args.warmup + args.rounds):
-                rid = f"bench-{i}-{os.getpid()}"
-                env = envelope(args={"prompt": _prompt(i), "request_id": rid})
-                t0 = time.perf_counter()
-                mon.send(f"edge/{device}/cmd/llm.generate", json.dumps(env))
-                first = mon.wait_for(lambda m, r=rid: m.topic.endswith(f"/{r}/stream"), 600)
-                t_first = time.perf_counter()
-                done = mon.wait_for(lambda m, r=rid: m.topic.endswith(f"/{r}/result"), 600)
-                if not first or not done:
-                    raise RuntimeError("no stream/result over MQTT")
-                result = json.loads(done[0].payload)
-                if i >= args.warmup:
-                    out["ttft_ms"].append((t_first - t0) * 1000)
-                    out["decode_tok_s"].append(result["timing"]["decode_tokens_per_s"])
-                    out["tokens"].append(result["usage"]["completion_tokens"])
-        finally:
-            agent.stop()
-            close_monitor(mon)
-    return out
 
 
 # ------------------------------------------------------------------------------ rss
@@ -410,19 +443,25 @@ def main() -> int:
     threads = len(os.sched_getaffinity(0))
     load_start = _loadavg()
     started = time.time()
-    raw = bench_raw(path, args, threads)
-    pipe = bench_pipeline(name, args)
-    chat = None
-    if args.model != "smollm":  # gemma has no chat template: prefix cache on SmolLM2
-        chat = bench_pipeline_chat(args)
-    mqtt = None if args.skip_mqtt else bench_mqtt(name, args)
+    sides: list[Any] = [RawSide(path, args, threads), PipelineSide(name, args)]
+    try:
+        if not args.skip_mqtt:
+            sides.append(MqttSide(name, args))
+        runs = interleaved(sides, args)
+        cancel = _cancel_latency(sides[1].pipeline, args)
+        prefix = None if args.model == "smollm" else bench_pipeline_chat(args)
+        if prefix is None:
+            prefix = _prefix_cache(sides[1].pipeline, args)
+    finally:
+        for side in sides:
+            side.close()
     rss = bench_rss(path)
     load_end = _loadavg()
 
+    raw, pipe, mqtt = runs["raw"], runs["pipeline"], runs.get("mqtt")
     raw_rate, pipe_rate = _median(raw["decode_tok_s"]), _median(pipe["decode_tok_s"])
-    prefix = chat if chat is not None else pipe["prefix"]
-    cancel = pipe["cancel"]
-    step_ms = _median(cancel["decode_step_ms"])
+    step_ms = 1000.0 / pipe_rate
+    ratios = [p / r for p, r in zip(pipe["decode_tok_s"], raw["decode_tok_s"], strict=True)]
     result: dict[str, Any] = {
         "model": name,
         "model_file": path.name,
@@ -431,6 +470,7 @@ def main() -> int:
         "n_batch": args.n_batch,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
+        "warmup_rounds": args.warmup,
         "sampling": "greedy (temperature 0), top_k 40, top_p 0.95, min_p 0.05",
         "machine": {
             "platform": platform.platform(),
@@ -439,50 +479,51 @@ def main() -> int:
             "loadavg_end": load_end,
         },
         "seconds": round(time.time() - started, 1),
-        "raw": raw,
-        "pipeline": {k: v for k, v in pipe.items() if k not in ("cancel", "prefix")},
-        "mqtt": mqtt,
+        "runs": runs,
+        "per_round_decode_ratio_pipeline_to_raw": [round(x, 4) for x in ratios],
         "cancel": cancel,
-        "prefix_cache": {"model": MODELS["smollm"] if chat else name, **prefix},
+        "prefix_cache": {"model": MODELS["smollm"] if args.model != "smollm" else name, **prefix},
         "rss": rss,
-        "summary": {
-            "raw_decode_tok_s": round(raw_rate, 2),
-            "pipeline_decode_tok_s": round(pipe_rate, 2),
-            "decode_ratio_pipeline_to_raw": round(pipe_rate / raw_rate, 4),
-            "mqtt_decode_tok_s": round(_median(mqtt["decode_tok_s"]), 2) if mqtt else None,
-            "decode_ratio_mqtt_to_raw": (
-                round(_median(mqtt["decode_tok_s"]) / raw_rate, 4) if mqtt else None
-            ),
-            "raw_ttft_ms": round(_median(raw["ttft_ms"]), 2),
-            "pipeline_ttft_ms": round(_median(pipe["ttft_ms"]), 2),
-            "ttft_overhead_ms": round(_median(pipe["ttft_ms"]) - _median(raw["ttft_ms"]), 2),
-            "mqtt_ttft_ms": round(_median(mqtt["ttft_ms"]), 2) if mqtt else None,
-            "mqtt_round_trip_ms": (
-                round(_median(mqtt["ttft_ms"]) - _median(pipe["ttft_ms"]), 2) if mqtt else None
-            ),
-            "decode_step_ms": round(step_ms, 2),
-            "cancel_decode_ms": round(_median(cancel["decode_cancel_ms"]), 2),
-            "cancel_decode_in_steps": round(_median(cancel["decode_cancel_ms"]) / step_ms, 3),
-            "cancel_prompt_eval_ms": round(_median(cancel["prompt_cancel_ms"]), 2),
-            "prefix_cold_ttft_ms": round(_median(prefix["cold_ttft_ms"]), 2),
-            "prefix_cached_ttft_ms": round(_median(prefix["cached_ttft_ms"]), 2),
-            "prefix_speedup": round(
-                _median(prefix["cold_ttft_ms"]) / _median(prefix["cached_ttft_ms"]), 2
-            ),
-            "prefix_tokens": int(_median(prefix["prefix_tokens"])),
-            "rss_loaded_mmap_mb": round(rss["mmap"]["loaded"]["VmRSS"] / 1e6, 1),
-            "rss_generated_mmap_mb": round(rss["mmap"]["generated"]["VmRSS"] / 1e6, 1),
-            "rss_loaded_no_mmap_mb": round(rss["no_mmap"]["loaded"]["VmRSS"] / 1e6, 1),
-            "model_mb": round(rss["model_bytes"] / 1e6, 1),
-        },
     }
-    summary = result["summary"]
+    mqtt_ttft = _median(mqtt["ttft_ms"]) if mqtt else None
+    mqtt_rate = _median(mqtt["decode_tok_s"]) if mqtt else None
+    summary: dict[str, Any] = {
+        "raw_decode_tok_s": round(raw_rate, 2),
+        "pipeline_decode_tok_s": round(pipe_rate, 2),
+        "decode_ratio_pipeline_to_raw": round(pipe_rate / raw_rate, 4),
+        "mqtt_decode_tok_s": round(mqtt_rate, 2) if mqtt_rate else None,
+        "decode_ratio_mqtt_to_raw": round(mqtt_rate / raw_rate, 4) if mqtt_rate else None,
+        "raw_ttft_ms": round(_median(raw["ttft_ms"]), 2),
+        "pipeline_ttft_ms": round(_median(pipe["ttft_ms"]), 2),
+        "ttft_overhead_ms": round(_median(pipe["ttft_ms"]) - _median(raw["ttft_ms"]), 2),
+        "mqtt_ttft_ms": round(mqtt_ttft, 2) if mqtt_ttft else None,
+        "mqtt_round_trip_ms": (
+            round(mqtt_ttft - _median(pipe["ttft_ms"]), 2) if mqtt_ttft else None
+        ),
+        "decode_step_ms": round(step_ms, 2),
+        "cancel_decode_ms": round(_median(cancel["decode_cancel_ms"]), 2),
+        "cancel_decode_in_steps": round(_median(cancel["decode_cancel_ms"]) / step_ms, 3),
+        "cancel_prompt_eval_ms": round(_median(cancel["prompt_cancel_ms"]), 2),
+        "prefix_cold_ttft_ms": round(_median(prefix["cold_ttft_ms"]), 2),
+        "prefix_cached_ttft_ms": round(_median(prefix["cached_ttft_ms"]), 2),
+        "prefix_speedup": round(
+            _median(prefix["cold_ttft_ms"]) / _median(prefix["cached_ttft_ms"]), 2
+        ),
+        "prefix_tokens": int(_median(prefix["prefix_tokens"])),
+        "model_mb": round(rss["model_bytes"] / 1e6, 1),
+        "rss_loaded_mmap_mb": round(rss["mmap"]["loaded"]["VmRSS"] / 1e6, 1),
+        "rss_loaded_mmap_anon_mb": round(rss["mmap"]["loaded"]["RssAnon"] / 1e6, 1),
+        "rss_loaded_mmap_file_mb": round(rss["mmap"]["loaded"]["RssFile"] / 1e6, 1),
+        "rss_loaded_no_mmap_mb": round(rss["no_mmap"]["loaded"]["VmRSS"] / 1e6, 1),
+        "rss_loaded_no_mmap_anon_mb": round(rss["no_mmap"]["loaded"]["RssAnon"] / 1e6, 1),
+    }
     summary["targets"] = {
         "decode_ratio>=0.98": summary["decode_ratio_pipeline_to_raw"] >= 0.98,
         "ttft_overhead<=10ms": summary["ttft_overhead_ms"] <= 10.0,
         "cancel<=1_decode_step": summary["cancel_decode_in_steps"] <= 1.0,
         "prefix_speedup>=5x": summary["prefix_speedup"] >= 5.0,
     }
+    result["summary"] = summary
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     _plot(result, args.out.with_suffix(".png"))
@@ -505,43 +546,52 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = result["summary"]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 4))
-    ax = axes[0]
-    labels = ["raw", "pipeline"] + (["mqtt"] if s["mqtt_decode_tok_s"] else [])
-    values = [s["raw_decode_tok_s"], s["pipeline_decode_tok_s"]] + (
-        [s["mqtt_decode_tok_s"]] if s["mqtt_decode_tok_s"] else []
-    )
-    ax.bar(labels, values, color=["#888888", "#3070b0", "#70a0d0"][: len(labels)])
-    ax.set_title(f"decode tok/s (ratio {s['decode_ratio_pipeline_to_raw']:.3f}, >= 0.98)")
-    ax = axes[1]
-    labels = ["raw", "pipeline"] + (["mqtt"] if s["mqtt_ttft_ms"] else [])
-    values = [s["raw_ttft_ms"], s["pipeline_ttft_ms"]] + (
-        [s["mqtt_ttft_ms"]] if s["mqtt_ttft_ms"] else []
-    )
-    ax.bar(labels, values, color=["#888888", "#3070b0", "#70a0d0"][: len(labels)])
-    ax.set_title(f"TTFT ms (overhead {s['ttft_overhead_ms']:.1f} ms, <= 10)")
-    ax = axes[2]
+    s, runs = result["summary"], result["runs"]
+    names = [n for n in ("raw", "pipeline", "mqtt") if n in runs]
+    colors = {"raw": "#888888", "pipeline": "#3070b0", "mqtt": "#70a0d0"}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for ax, key, title in (
+        (
+            axes[0][0],
+            "decode_tok_s",
+            f"decode tok/s: pipeline/raw {s['decode_ratio_pipeline_to_raw']:.3f} (>= 0.98)",
+        ),
+        (axes[0][1], "ttft_ms", f"TTFT ms: overhead {s['ttft_overhead_ms']:+.1f} ms (<= 10)"),
+    ):
+        medians = [_median(runs[n][key]) for n in names]
+        ax.bar(names, medians, color=[colors[n] for n in names])
+        for i, n in enumerate(names):
+            ax.scatter([i] * len(runs[n][key]), runs[n][key], color="black", s=12, zorder=3)
+        ax.set_title(title, fontsize=10)
+    ax = axes[1][0]
     ax.bar(
-        ["decode step", "cancel (decode)", "cancel (prompt)"],
+        ["decode step", "cancel\n(decoding)", "cancel\n(prompt eval)"],
         [s["decode_step_ms"], s["cancel_decode_ms"], s["cancel_prompt_eval_ms"]],
         color=["#888888", "#b05030", "#d08060"],
     )
-    ax.set_title(f"cancel latency ms ({s['cancel_decode_in_steps']:.2f} steps, <= 1)")
-    ax = axes[3]
+    ax.set_ylabel("ms")
+    ax.set_title(
+        f"cancel -> request ended: {s['cancel_decode_in_steps']:.2f} decode steps (<= 1)",
+        fontsize=10,
+    )
+    ax = axes[1][1]
     ax.bar(
         ["cold", "cached prefix"],
         [s["prefix_cold_ttft_ms"], s["prefix_cached_ttft_ms"]],
         color=["#888888", "#30a050"],
     )
+    ax.set_ylabel("ms")
     ax.set_title(
-        f"TTFT, {s['prefix_tokens']}-token system prompt ({s['prefix_speedup']:.1f}x, >= 5x)"
+        f"TTFT with a {s['prefix_tokens']}-token system prompt: {s['prefix_speedup']:.1f}x (>= 5x)",
+        fontsize=10,
     )
     load = result["machine"]
     fig.suptitle(
-        f"{result['model']} on {result['threads']} threads; RSS after load (mmap) "
-        f"{s['rss_loaded_mmap_mb']} MB vs file {s['model_mb']} MB; loadavg "
-        f"{load['loadavg_start'][0]} -> {load['loadavg_end'][0]}"
+        f"{result['model']}, {result['threads']} threads, {result['rounds']} rounds (medians); "
+        f"RSS after load {s['rss_loaded_mmap_mb']} MB (mmap; {s['rss_loaded_mmap_anon_mb']} MB "
+        f"anonymous) vs file {s['model_mb']} MB\nloadavg {load['loadavg_start'][0]} -> "
+        f"{load['loadavg_end'][0]} (shared machine)",
+        fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
