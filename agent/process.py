@@ -632,8 +632,12 @@ class Agent:
             self._set_state(self._state, f"{self._state}: pipeline state changed")
 
     def _pipelines_done(self) -> bool:
+        """Every bounded pipeline reached a final state (an LLM pipeline serves requests until
+        it is stopped: it never finishes by itself, so a bounded run does not wait for it)."""
         return all(
-            slot.pipeline is None or slot.last_state in _TERMINAL_PIPELINE_STATES
+            slot.pipeline is None
+            or slot.last_state in _TERMINAL_PIPELINE_STATES
+            or slot.config.type == "llm"
             for slot in self._slots
         )
 

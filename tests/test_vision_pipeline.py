@@ -354,7 +354,11 @@ def test_fixed_batch_model_rejects_a_larger_batch_size(
 
 def test_default_config_is_the_street_demo(tmp_path: Path) -> None:
     config = default_config({"STATE_DIRECTORY": str(tmp_path)})
-    (pipeline,) = config.pipelines
+    pipeline, llm = config.pipelines
+    assert llm.type == "llm"
+    assert llm.narrator is not None
+    assert llm.narrator.pipelines == ["street"]
+    assert pipeline.type == "vision"
     assert pipeline.model == "yolox_nano_416"
     assert pipeline.engine.type == "onnxruntime"
     assert pipeline.engine.providers == ["CPUExecutionProvider"]

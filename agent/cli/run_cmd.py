@@ -13,6 +13,7 @@ from typing import Any
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig
 from agent.configfile import embedded_defaults_apply, load_config
 from agent.process import Agent
+from pipelines.config import VisionPipelineConfig
 
 __all__ = ["register", "run_agent"]
 
@@ -59,7 +60,7 @@ def register(sub: Any) -> None:
         "--frames",
         type=_positive_int,
         metavar="N",
-        help="stop once every pipeline has processed N frames (sets each pipeline's "
+        help="stop once every vision pipeline has processed N frames (sets each one's "
         "max_frames; handy for tests and demos)",
     )
     bound.add_argument(
@@ -107,7 +108,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _with_max_frames(config: AgentConfig, frames: int) -> AgentConfig:
-    pipelines = [p.model_copy(update={"max_frames": frames}) for p in config.pipelines]
+    """``max_frames`` on every vision pipeline (an LLM pipeline has no frames: the bounded run
+    ends when the vision pipelines are done)."""
+    pipelines = [
+        p.model_copy(update={"max_frames": frames}) if isinstance(p, VisionPipelineConfig) else p
+        for p in config.pipelines
+    ]
     return config.model_copy(update={"pipelines": pipelines})
 
 

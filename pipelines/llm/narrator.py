@@ -72,7 +72,7 @@ def summarise(windows: Mapping[str, Window], seconds: float) -> str:
             continue
         parts = []
         ranked = sorted(w.labels.items(), key=lambda kv: (-kv[1].frames, kv[0]))
-        for label, s in ranked[:8]:
+        for label, s in ranked[:5]:
             share = 100.0 * s.frames / w.frames if w.frames else 0.0
             parts.append(
                 f"{label} in {share:.0f}% of frames (at most {s.peak} at once, "
@@ -186,10 +186,14 @@ class Narrator:
             request_id=request_id,
             messages=[
                 ChatMessage(role="system", content=self.config.system_prompt),
-                ChatMessage(role="user", content=summary),
+                ChatMessage(
+                    role="user",
+                    content=f"{summary}\nWrite a one-sentence report for the operator.",
+                ),
             ],
             max_tokens=self.config.max_tokens,
             temperature=0.2,
+            repeat_penalty=1.3,
         )
         context = {
             "window_s": round(seconds, 1),

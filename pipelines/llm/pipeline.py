@@ -593,6 +593,7 @@ class LlmPipeline:
             temperature=req.temperature if req.temperature is not None else defaults.temperature,
             top_p=req.top_p if req.top_p is not None else defaults.top_p,
             top_k=req.top_k if req.top_k is not None else defaults.top_k,
+            repeat_penalty=req.repeat_penalty if req.repeat_penalty is not None else 1.0,
             seed=req.seed if req.seed is not None else engine.config.seed,
             grammar=req.grammar,
             json_schema=req.json_schema,

@@ -61,6 +61,13 @@ class GenerateRequest(StrictModel):
     temperature: float | None = Field(default=None, ge=0, le=5, description="0 = greedy.")
     top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int | None = Field(default=None, ge=0, le=10000, description="Candidates kept.")
+    repeat_penalty: float | None = Field(
+        default=None,
+        ge=0.5,
+        le=2.0,
+        description="Penalty on recently generated tokens (1 = none; ~1.1-1.3 stops small "
+        "models from looping).",
+    )
     stop: list[str] = Field(
         default_factory=list,
         max_length=16,

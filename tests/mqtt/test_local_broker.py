@@ -274,7 +274,7 @@ class Cli:
 
 
 @pytest.fixture
-def defaults_env(tmp_path: Path, models_dir: Path, data_dir: Path) -> dict[str, str]:
+def defaults_env(tmp_path: Path, model_search_path: str, data_dir: Path) -> dict[str, str]:
     if configfile.DEFAULT_CONFIG_PATH.exists():
         pytest.skip(f"{configfile.DEFAULT_CONFIG_PATH} exists: `run` would not use the defaults")
     env = {
@@ -284,7 +284,7 @@ def defaults_env(tmp_path: Path, models_dir: Path, data_dir: Path) -> dict[str, 
     }
     env.update(
         STATE_DIRECTORY=str(tmp_path / "state"),
-        EDGE_AGENT_MODEL_PATH=str(models_dir),
+        EDGE_AGENT_MODEL_PATH=model_search_path,  # detectors + the LLM tests' SmolLM2
         EDGE_AGENT_DATA_PATH=str(data_dir),
         PYTHONUNBUFFERED="1",
     )
@@ -312,6 +312,16 @@ def test_readme_command_reports_detections_to_a_local_broker(
         assert message["schema"] == "edge-agent.vision.detections"
         assert {"boot_id", "seq", "device_id"} <= set(message)
         assert topic == f"edge/{message['device_id']}/vision/street/detections"
+
+        # the LLM pipeline's narrator: after 30 s, a report from the street detection counts
+        def narration(topic: str, payload: bytes) -> bool:
+            return topic.endswith("/result") and b'"source":"narrator"' in payload
+
+        assert sub.wait(narration, 1, 90) >= 1
+        report = json.loads(next(p for t, p in sub.messages if narration(t, p)))
+        assert (report["status"], report["pipeline"]) == ("completed", "assistant")
+        assert report["text"].strip()
+        assert report["context"]["pipelines"]["street"]["frames"] > 0
         cli.proc.send_signal(signal.SIGTERM)
         assert cli.finish() == 0
     finally:
