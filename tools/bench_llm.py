@@ -67,6 +67,15 @@ def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+def _engine(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "n_ctx": args.n_ctx,
+        "n_batch": args.n_batch,
+        "threads": args.threads,
+        "batch_threads": args.threads,
+    }
+
+
 def _prompt(i: int) -> str:
     return f"Report number {1000 + i * 7919}.\n{BASE_PROMPT}"
 
@@ -131,7 +140,7 @@ def _pipeline(model: str, args: argparse.Namespace, sink: Any) -> Any:
             "type": "llm",
             "name": "bench",
             "model": model,
-            "engine": {"n_ctx": args.n_ctx, "n_batch": args.n_batch},
+            "engine": _engine(args),
             "defaults": {"temperature": 0.0, "max_tokens": args.max_tokens, "deadline_s": 600},
             "queue_size": 4,
         }
@@ -228,7 +237,7 @@ class MqttSide:
                         "type": "llm",
                         "name": "bench",
                         "model": model,
-                        "engine": {"n_ctx": args.n_ctx, "n_batch": args.n_batch},
+                        "engine": _engine(args),
                         "defaults": {
                             "temperature": 0.0,
                             "max_tokens": args.max_tokens,
@@ -432,6 +441,14 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--n-batch", type=int, default=128)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="llama.cpp threads on every side (default 1: on a machine shared with other work, "
+        "2 threads waiting for each other at llama.cpp's spinning barriers make every figure "
+        "noise)",
+    )
     parser.add_argument("--skip-mqtt", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "llm.json")
     args = parser.parse_args()
@@ -440,7 +457,7 @@ def main() -> int:
 
     name = MODELS[args.model]
     path = model_store().resolve(name)
-    threads = len(os.sched_getaffinity(0))
+    threads = args.threads
     load_start = _loadavg()
     started = time.time()
     sides: list[Any] = [RawSide(path, args, threads), PipelineSide(name, args)]
@@ -587,7 +604,8 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     )
     load = result["machine"]
     fig.suptitle(
-        f"{result['model']}, {result['threads']} threads, {result['rounds']} rounds (medians); "
+        f"{result['model']}, llama.cpp threads: {result['threads']}, "
+        f"{result['rounds']} rounds (medians); "
         f"RSS after load {s['rss_loaded_mmap_mb']} MB (mmap; {s['rss_loaded_mmap_anon_mb']} MB "
         f"anonymous) vs file {s['model_mb']} MB\nloadavg {load['loadavg_start'][0]} -> "
         f"{load['loadavg_end'][0]} (shared machine)",
