@@ -18,6 +18,7 @@ __all__ = [
     "REPORTS_FILE",
     "RESTART_SEC",
     "START_LIMIT_BURST",
+    "UNIT_PROPS",
     "WATCHDOG_SEC",
     "WORKER_INTERVAL_S",
     "AgentUnit",

@@ -8,7 +8,7 @@ outside the repository) so a warm run only unpacks a tarball:
     wheelhouse    pip download of the locked runtime deps        wheelhouse-<pins>/
     deps rootfs   base + /opt/edge-agent/venv with those deps    bookworm-<base>-deps-<pins>.tar.zst
                   pins = hash(runtime requirements exported from uv.lock, resolved for the
-                  rootfs python; dev-only lock changes keep the cache)
+                  rootfs python, and CMAKE_ARGS; dev-only lock changes keep the cache)
 
 Per test session the deps rootfs is unpacked into a scratch tmpfs, the project wheel (built
 fresh from the checkout) is installed with ``pip --no-index --no-deps``, and the unit, the
@@ -341,7 +341,7 @@ def wheelhouse(target: PythonTarget, pins: list[str], timings: dict[str, object]
     host python to be the rootfs one (both are Debian 12's python3.11 in CI).
     """
     with _cache_lock() as root:
-        house = root / f"wheelhouse-{_digest(pins, target.pip_target_args())}"
+        house = root / f"wheelhouse-{_digest(pins, target.pip_target_args(), cmake_args())}"
         timings["cache_wheelhouse_hit"] = house.is_dir()
         if house.is_dir():
             return house
@@ -397,7 +397,29 @@ def _build_wheels(dest: Path, target: PythonTarget, pins: list[str]) -> None:
             f"{pins} have no wheel for python {target.short} on the index and must be built, "
             f"but the host python is {host}: run the suite on Debian 12 (python {target.short})"
         )
-    run([pip, "wheel", "--quiet", "--no-deps", "-w", dest, *pins], timeout=3600)
+    env = dict(os.environ, CMAKE_ARGS=cmake_args())
+    # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and could hand back another build.
+    run(
+        [pip, "wheel", "--quiet", "--no-cache-dir", "--no-deps", "-w", dest, *pins],
+        timeout=3600,
+        env=env,
+    )
+
+
+def cmake_args() -> str:
+    """CMAKE_ARGS for native builds: the environment's, else ./bootstrap's llama_cmake_args.
+
+    The same flags as the .venv build (on x86-64 a fixed AVX2 build instead of GGML_NATIVE,
+    whose AMX kernels crash VMs without the AMX tile state).
+    """
+    if "CMAKE_ARGS" in os.environ:
+        return os.environ["CMAKE_ARGS"]
+    script = (ROOT / "bootstrap").read_text()
+    match = re.search(r"^llama_cmake_args\(\) \{\n.*?^\}\n", script, re.MULTILINE | re.DOTALL)
+    if match is None:
+        _log.warning("no llama_cmake_args() in ./bootstrap: building with default CMAKE_ARGS")
+        return ""
+    return run(["bash", "-c", f"{match.group(0)}\nllama_cmake_args"], timeout=30).stdout
 
 
 def _prune(keep: Path, pattern: str) -> None:
@@ -420,7 +442,7 @@ def deps_rootfs_tarball(timings: dict[str, object]) -> Path:
     base, target = base_rootfs_tarball(timings)
     pins = locked_requirements(target)
     prefix = f"{SUITE}-{_base_key()}-deps-"
-    tarball = cache_dir() / f"{prefix}{_digest(pins, target.to_json())}.tar.zst"
+    tarball = cache_dir() / f"{prefix}{_digest(pins, target.to_json(), cmake_args())}.tar.zst"
     timings["cache_deps_hit"] = tarball.is_file()
     if tarball.is_file():
         return tarball
