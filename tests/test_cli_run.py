@@ -118,9 +118,10 @@ def start(
 
 
 def assert_one_error_line(agent: AgentProcess, reason: str, *needles: str) -> str:
-    """Exit 1, no traceback, exactly one error line (the last), with ``reason`` and needles
-    (the cause and what to do)."""
-    assert agent.wait() == 1
+    """Exit 78 (EX_CONFIG) for config/pinning errors, else 1; no traceback, exactly one error
+    line (the last), with ``reason`` and needles (the cause and what to do)."""
+    config_problem = reason.startswith("config_") or reason == "pinning_invalid"
+    assert agent.wait() == (78 if config_problem else 1)
     assert not any("Traceback" in line for line in agent.stderr), agent.stderr
     errors = [line for line in agent.stderr if line.startswith("edge-agent: error")]
     assert errors == [agent.stderr[-1]], agent.stderr

@@ -13,13 +13,16 @@ import sys
 from collections.abc import Sequence
 
 from agent.cli import config_cmd, info_cmd, models_cmd, run_cmd
-from agent.errors import reason_code
+from agent.errors import ConfigError, PinningError, reason_code
 
 __all__ = ["main"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_CONFIG = 78
+"""sysexits' EX_CONFIG: the unit's RestartPreventExitStatus=78 stops systemd retrying a config
+that cannot start (bad keys, CPUs outside the allowed set): the first failure is final."""
 
 _SUBCOMMANDS = (run_cmd, config_cmd, info_cmd, models_cmd)
 
@@ -63,5 +66,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"edge-agent: error [{reason_code(exc)}]: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_CONFIG if isinstance(exc, (ConfigError, PinningError)) else EXIT_FAILURE
     return code

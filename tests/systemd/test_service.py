@@ -13,7 +13,6 @@ from agent_unit import (
     CONFIG_PATH,
     FREEZE_FILE,
     RESTART_SEC,
-    START_LIMIT_BURST,
     UNIT_PROPS,
     WATCHDOG_SEC,
     WORKER_INTERVAL_S,
@@ -158,11 +157,11 @@ def test_bad_config_fails_the_unit_with_one_clear_line(
     container.write(CONFIG_PATH, CONFIG.replace("pipelines = []", "pipelinez = []"))
     result = container.run(["systemctl", "start", AGENT_UNIT], check=False, timeout=120)
     assert result.returncode != 0
-    state, _ = unit.wait(
-        lambda s: s["ActiveState"] == "failed",
-        timeout=START_LIMIT_BURST * (RESTART_SEC + 5) + 10,
-    )
-    assert state["Result"] in {"exit-code", "start-limit-hit"}, state
+    state, _ = unit.wait(lambda s: s["ActiveState"] == "failed", timeout=RESTART_SEC + 30)
+    # EX_CONFIG (78) + RestartPreventExitStatus=78: failed at once, never retried.
+    assert state["Result"] == "exit-code", state
+    assert state["ExecMainStatus"] == "78", state
+    assert state["NRestarts"] == "0", state
     agent_lines = unit.messages("edge-agent")
     errors = [m for m in agent_lines if m.startswith("edge-agent: error [config_invalid]")]
     assert errors, unit.journal_text()
