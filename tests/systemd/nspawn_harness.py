@@ -349,6 +349,10 @@ def wheelhouse(target: PythonTarget, pins: list[str], timings: dict[str, object]
         with tempfile.TemporaryDirectory(dir=root, prefix=".wheelhouse-") as work:
             download = Path(work) / "wheels"
             from_source = _download_wheels(download, target, pins)
+            reused = _reuse_uv_built_wheels(download, target, from_source)
+            if reused:
+                timings["wheels_reused_from_uv_cache"] = reused
+            from_source = [pin for pin in from_source if pin not in reused]
             if from_source:
                 _build_wheels(download, target, from_source)
                 timings["wheels_built_from_source"] = from_source
@@ -384,6 +388,41 @@ def _download_wheels(dest: Path, target: PythonTarget, pins: list[str]) -> list[
         pending = [p for p in pending if p not in missing]
         without_wheel += missing
     return without_wheel
+
+
+def _reuse_uv_built_wheels(dest: Path, target: PythonTarget, pins: list[str]) -> list[str]:
+    """Copy the wheels uv already built from sdists for .venv; the pins it had.
+
+    ./bootstrap's `uv sync` builds every sdist-only pin (llama-cpp-python: ~15 min on 2 cores)
+    with bootstrap's CMAKE_ARGS and keeps the wheel in uv's cache. The container then runs the
+    very build the host's tests ran, and a cold CI run builds it once, not twice. Only a wheel
+    whose tags fit the rootfs python (same interpreter version as the host in CI) is taken.
+    """
+    cache = Path(run([uv_binary(), "cache", "dir"], timeout=60).stdout.strip())
+    reused: list[str] = []
+    for pin in pins:
+        name, _, version = pin.partition("==")
+        stem = f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-"
+        found = sorted(
+            (
+                wheel
+                for wheel in cache.glob(f"sdists-v*/pypi/{name.lower()}/{version}/*/*.whl")
+                if wheel.name.lower().startswith(stem) and _wheel_fits(wheel.name, target)
+            ),
+            key=lambda wheel: wheel.stat().st_mtime,
+        )
+        if found:
+            _log.info("reusing uv's build of %s: %s", pin, found[-1])
+            shutil.copy2(found[-1], dest / found[-1].name)
+            reused.append(pin)
+    return reused
+
+
+def _wheel_fits(filename: str, target: PythonTarget) -> bool:
+    """A built wheel's python tag is py3 / cp3X for the target's version (platform: the host's)."""
+    python_tag = filename[: -len(".whl")].split("-")[-3]
+    wanted = {"py3", f"cp{target.short.replace('.', '')}"}
+    return any(tag in wanted for tag in python_tag.split("."))
 
 
 def _build_wheels(dest: Path, target: PythonTarget, pins: list[str]) -> None:
