@@ -13,7 +13,7 @@ from pathlib import Path
 
 from agent.errors import CredentialError
 
-__all__ = ["CREDENTIALS_ENV", "read_secret", "read_secret_bytes"]
+__all__ = ["CREDENTIALS_ENV", "credential_path", "read_secret", "read_secret_bytes"]
 
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 
@@ -44,6 +44,14 @@ def read_secret_bytes(
     name: str, file: Path | None = None, *, environ: Mapping[str, str] | None = None
 ) -> bytes:
     """The secret ``name`` as raw bytes (keys); same lookup order as ``read_secret``."""
+    return _read(credential_path(name, file, environ=environ), name)
+
+
+def credential_path(
+    name: str, file: Path | None = None, *, environ: Mapping[str, str] | None = None
+) -> Path:
+    """Where the secret ``name`` is, for libraries that want a path (a TLS private key):
+    ``$CREDENTIALS_DIRECTORY/<name>`` first, then ``file``; ``CredentialError`` if neither."""
     if not name or "/" in name or name in (".", ".."):
         raise CredentialError(f"invalid credential name {name!r} — use a plain file name")
     env = os.environ if environ is None else environ
@@ -52,11 +60,11 @@ def read_secret_bytes(
     if cred_dir:
         candidate = Path(cred_dir) / name
         if candidate.exists():
-            return _read(candidate, name)
+            return candidate
         tried.append(f"${CREDENTIALS_ENV}/{name} ({candidate})")
     if file is not None:
         if file.exists():
-            return _read(file, name)
+            return file
         tried.append(str(file))
     where = ", ".join(tried) if tried else f"no ${CREDENTIALS_ENV} and no file configured"
     raise CredentialError(

@@ -47,6 +47,11 @@ class MqttTlsConfig(StrictModel):
         default=None, description="Client certificate (PEM) when the broker requires one."
     )
     key_file: Path | None = Field(default=None, description="Private key (PEM) of cert_file.")
+    key_credential: str | None = Field(
+        default=None,
+        description="Credential holding the private key of cert_file (e.g. `mqtt-client-key`, "
+        "loaded by the unit's LoadCredential=); taken before key_file when present.",
+    )
     key_password_credential: str | None = Field(
         default=None,
         description="Credential name holding key_file's passphrase (unset: key not encrypted).",
@@ -59,8 +64,11 @@ class MqttTlsConfig(StrictModel):
 
     @model_validator(mode="after")
     def _key_with_cert(self) -> MqttTlsConfig:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("tls.cert_file and tls.key_file must be set together")
+        has_key = self.key_file is not None or self.key_credential is not None
+        if (self.cert_file is None) == has_key:
+            raise ValueError(
+                "tls.cert_file and its key (tls.key_file or tls.key_credential) go together"
+            )
         return self
 
 

@@ -33,7 +33,7 @@ from agent.commands.dispatcher import CommandDispatcher, DispatchSettings
 from agent.commands.registry import CommandRegistry
 from agent.commands.replay import ReplayGuard
 from agent.commands.signing import TrustedKeys
-from agent.credentials import read_secret
+from agent.credentials import credential_path, read_secret
 from agent.mqtt_config import MqttConfig
 from agent.reporting.homeassistant import HomeAssistantDiscovery
 from agent.reporting.mqtt import MqttReporter, MqttSettings, TlsSettings
@@ -60,7 +60,11 @@ def settings_from_config(
         tls = TlsSettings(
             ca_file=cfg.tls.ca_file,
             cert_file=cfg.tls.cert_file,
-            key_file=cfg.tls.key_file,
+            key_file=(
+                credential_path(cfg.tls.key_credential, cfg.tls.key_file, environ=environ)
+                if cfg.tls.key_credential is not None
+                else cfg.tls.key_file
+            ),
             key_password=key_password,
             check_hostname=cfg.tls.check_hostname,
         )

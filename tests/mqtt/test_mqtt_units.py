@@ -63,7 +63,7 @@ def test_response_topics_are_honoured_only_under_the_device_reply_tree() -> None
 def test_mqtt_config_validation() -> None:
     cfg = MqttConfig()
     assert (cfg.port, cfg.protocol, cfg.prefix) == (1883, "auto", "edge/{device_id}")
-    with pytest.raises(ValidationError, match=r"cert_file and tls\.key_file"):
+    with pytest.raises(ValidationError, match=r"cert_file and its key"):
         MqttConfig.model_validate({"tls": {"cert_file": "/c.pem"}})
     with pytest.raises(ValidationError, match="wildcards"):
         MqttConfig.model_validate({"prefix": "edge/#"})
@@ -85,6 +85,32 @@ def test_settings_read_the_password_through_credentials(tmp_path: Path) -> None:
     missing = MqttConfig.model_validate({"username": "cam"})
     with pytest.raises(CredentialError, match="mqtt-password"):
         settings_from_config(missing, "cam", environ={})
+
+
+def test_tls_key_comes_from_the_credential_before_the_file(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt-client-key").write_text("-----BEGIN PRIVATE KEY-----\n")
+    fallback = tmp_path / "client.key"
+    fallback.write_text("-----BEGIN PRIVATE KEY-----\n")
+    cfg = MqttConfig.model_validate(
+        {
+            "tls": {
+                "cert_file": "/c.pem",
+                "key_credential": "mqtt-client-key",
+                "key_file": str(fallback),
+            }
+        }
+    )
+    under_systemd = settings_from_config(cfg, "cam", environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert under_systemd.tls is not None
+    assert under_systemd.tls.key_file == creds / "mqtt-client-key"
+    elsewhere = settings_from_config(cfg, "cam", environ={})
+    assert elsewhere.tls is not None
+    assert elsewhere.tls.key_file == fallback
+    fallback.unlink()
+    with pytest.raises(CredentialError, match="mqtt-client-key"):
+        settings_from_config(cfg, "cam", environ={})
 
 
 def _zone(
