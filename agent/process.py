@@ -140,6 +140,7 @@ class AgentStatus(TypedDict):
     watchdog: dict[str, Any]
     pipelines: list[PipelineEntry]
     failed_models: list[FailedModel]
+    reporters: dict[str, Any]
 
 
 def agent_version() -> str:
@@ -930,6 +931,7 @@ class Agent:
                 watchdog=self.watchdog.status(),
                 pipelines=pipelines,
                 failed_models=failed_models,
+                reporters=self._sink.reporter_status() if self._sink is not None else {},
             )
 
     def _set_state(self, state: AgentState, text: str, *, ready: bool = False) -> None:

@@ -240,3 +240,21 @@ def test_failed_pipeline_degrades_and_others_keep_going(
     final = json.loads((tmp_path / "state" / "status.json").read_text())
     assert final["state"] == "stopped"
     assert final["pipelines"][1]["reason"] == "model_not_found"
+
+
+def test_status_carries_each_reporters_own_figures(tmp_path: Path) -> None:
+    """The HID reporter's drop counters reach the agent's status (and so status.json)."""
+    hid = {"gadget": {"device": str(tmp_path / "hidg0"), "wait_for_device": True}}
+    config = make_config(
+        tmp_path, reporting={"jsonl": {"path": str(tmp_path / "out.jsonl")}, "hid": hid}
+    )
+    agent = Agent(config, environ={})
+    agent.start()
+    try:
+        reporters = agent.status()["reporters"]
+        written = json.loads((tmp_path / "state" / "status.json").read_text(encoding="utf-8"))
+    finally:
+        agent.stop()
+    assert reporters["HidSink"]["vendor"]["transport"]["state"] == "missing"
+    assert "dropped" in reporters["HidSink"]["vendor"]
+    assert "HidSink" in written["reporters"]
