@@ -494,6 +494,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     runs = [
         ("all (throughput)", result["pipeline_all"]),
         ("latest @25 FPS", result["pipeline_latest"]),
+        ("latest @25 FPS, 1 thread", result["pipeline_latest_1_thread"]),
     ]
     width = 0.13
     x = np.arange(len(stages))
@@ -540,7 +541,13 @@ def main() -> int:
         "--no-spin", action="store_true", help="pipeline engine: ORT allow_spinning off"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "vision")
+    parser.add_argument(
+        "--replot", action="store_true", help="only redraw the PNG from the existing JSON"
+    )
     args = parser.parse_args()
+    if args.replot:
+        _plot(json.loads(args.out.with_suffix(".json").read_text()), args.out.with_suffix(".png"))
+        return 0
     if not VIDEO.is_file() or not (MODELS / f"{MODEL}.onnx").is_file():
         print(f"missing {VIDEO} or {MODELS}/{MODEL}.onnx: set EDGE_AGENT_DATA_PATH/MODEL_PATH")
         return 2
