@@ -38,7 +38,7 @@ from engines.errors import (
     ProviderError,
 )
 from engines.onnxruntime_config import OnnxRuntimeConfig
-from engines.slots import SlotRing, check_model_file
+from engines.slots import SlotRing, check_model_file, check_open, find_input
 
 __all__ = ["OnnxRuntimeEngine", "intra_op_affinities"]
 
@@ -244,8 +244,8 @@ class OnnxRuntimeEngine(TensorEngine):
         return self._outputs
 
     def input_buffer(self, name: str, shape: tuple[int, ...] | None = None) -> npt.NDArray[Any]:
-        self._check_open()
-        spec = self._input_spec(name)
+        check_open(self._closed, self._path)
+        spec = find_input(self._input_index, name, self._path)
         slot = self._slots[self._ring.next_slot]
         if shape is None:
             current = slot.inputs.get(name)
@@ -262,7 +262,7 @@ class OnnxRuntimeEngine(TensorEngine):
 
     def submit(self, inputs: Mapping[str, npt.NDArray[Any]] | None = None) -> Ticket:
         with self._lock:
-            self._check_open()
+            check_open(self._closed, self._path)
             slot = self._slots[self._ring.require_free()]
             self._stage(slot, inputs)
             self._maybe_warm(slot)
@@ -277,7 +277,7 @@ class OnnxRuntimeEngine(TensorEngine):
         self, ticket: Ticket, timeout_s: float | None = None
     ) -> dict[str, npt.NDArray[Any]]:
         with self._lock:
-            self._check_open()
+            check_open(self._closed, self._path)
             self._ring.check(ticket)
             slot = self._slots[ticket.slot]
         if not slot.done.wait(timeout_s):
@@ -295,7 +295,7 @@ class OnnxRuntimeEngine(TensorEngine):
 
     def infer(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         with self._lock:
-            self._check_open()
+            check_open(self._closed, self._path)
             if self._ring.in_flight == 0:
                 slot = self._slots[self._ring.next_slot]
                 self._stage(slot, inputs)
@@ -350,19 +350,6 @@ class OnnxRuntimeEngine(TensorEngine):
         self._session = None
 
     # -- internals ---------------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            msg = f"the engine for {self._path} is closed: build a new one"
-            raise EngineClosedError(msg)
-
-    def _input_spec(self, name: str) -> TensorSpec:
-        spec = self._input_index.get(name)
-        if spec is None:
-            known = ", ".join(repr(s.name) for s in self._inputs)
-            msg = f"{self._path} has no input {name!r}: its inputs are {known}"
-            raise InputSpecError(msg)
-        return spec
 
     def _check_shape(self, spec: TensorSpec, shape: tuple[int, ...]) -> None:
         fits = len(shape) == len(spec.shape)

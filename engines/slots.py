@@ -1,4 +1,5 @@
-"""Round-robin in-flight slots shared by the engines' submit/collect, and model-file checks.
+"""Round-robin in-flight slots shared by the engines' submit/collect, model-file checks, and the
+checks every engine call starts with (engine still open, input name known).
 
 A slot is one set of buffers (and, on TensorRT, an execution context, a CUDA stream and an event).
 ``submit`` takes the next free slot in turn and hands back a :class:`~engines.base.Ticket`; the
@@ -11,12 +12,19 @@ single-threaded caller).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
-from engines.base import Ticket
-from engines.errors import InferenceError, ModelFileError, ModelFormatError
+from engines.base import TensorSpec, Ticket
+from engines.errors import (
+    EngineClosedError,
+    InferenceError,
+    InputSpecError,
+    ModelFileError,
+    ModelFormatError,
+)
 
-__all__ = ["SlotRing", "check_model_file", "file_sha256"]
+__all__ = ["SlotRing", "check_model_file", "check_open", "file_sha256", "find_input"]
 
 
 class SlotRing:
@@ -106,6 +114,27 @@ def check_model_file(path: Path, *, fix: str) -> None:
     if not head:
         msg = f"model file {path} is empty (an interrupted copy?): {fix}"
         raise ModelFormatError(msg)
+
+
+def check_open(closed: bool, path: Path) -> None:
+    """Raise ``EngineClosedError`` when the engine for ``path`` is ``closed``."""
+    if closed:
+        msg = f"the engine for {path} is closed: build a new one"
+        raise EngineClosedError(msg)
+
+
+def find_input(
+    index: Mapping[str, TensorSpec], name: str, path: Path, *, prefix: str = ""
+) -> TensorSpec:
+    """The spec of input ``name`` in ``index`` (the engine's inputs by name, in model order), or
+    ``InputSpecError`` naming the model as ``{prefix}{path}`` (``prefix="plan "`` on TensorRT)
+    and listing the inputs it has."""
+    spec = index.get(name)
+    if spec is None:
+        known = ", ".join(repr(known_name) for known_name in index)
+        msg = f"{prefix}{path} has no input {name!r}: its inputs are {known}"
+        raise InputSpecError(msg)
+    return spec
 
 
 def file_sha256(path: Path, *, chunk: int = 1 << 20) -> str:

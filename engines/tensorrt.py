@@ -39,7 +39,6 @@ import numpy.typing as npt
 
 from engines.base import TensorEngine, TensorSpec, Ticket
 from engines.errors import (
-    EngineClosedError,
     EngineUnavailableError,
     InferenceError,
     InputSpecError,
@@ -56,7 +55,7 @@ from engines.plans import (
     compatibility_problems,
     detect_soc,
 )
-from engines.slots import SlotRing, check_model_file, file_sha256
+from engines.slots import SlotRing, check_model_file, check_open, file_sha256, find_input
 from engines.tensorrt_config import TensorRTConfig
 
 __all__ = [
@@ -335,8 +334,8 @@ class TensorRTEngine(TensorEngine):
         return self._outputs
 
     def input_buffer(self, name: str, shape: tuple[int, ...] | None = None) -> npt.NDArray[Any]:
-        self._check_open()
-        spec = self._input_spec(name)
+        check_open(self._closed, self._path)
+        spec = find_input(self._input_index, name, self._path, prefix="plan ")
         slot = self._slots[self._ring.next_slot]
         if shape is None:
             shape = slot.shapes[name]
@@ -347,7 +346,7 @@ class TensorRTEngine(TensorEngine):
 
     def submit(self, inputs: Mapping[str, npt.NDArray[Any]] | None = None) -> Ticket:
         with self._lock:
-            self._check_open()
+            check_open(self._closed, self._path)
             slot = self._slots[self._ring.require_free()]
             self._stage(slot, inputs or {})
             self._cuda_context.push()
@@ -365,7 +364,7 @@ class TensorRTEngine(TensorEngine):
         self, ticket: Ticket, timeout_s: float | None = None
     ) -> dict[str, npt.NDArray[Any]]:
         with self._lock:
-            self._check_open()
+            check_open(self._closed, self._path)
             self._ring.check(ticket)
             slot = self._slots[ticket.slot]
         self._cuda_context.push()
@@ -432,19 +431,6 @@ class TensorRTEngine(TensorEngine):
         self._engine = None
         self._runtime = None
 
-    def _check_open(self) -> None:
-        if self._closed:
-            msg = f"the engine for {self._path} is closed: build a new one"
-            raise EngineClosedError(msg)
-
-    def _input_spec(self, name: str) -> TensorSpec:
-        spec = self._input_index.get(name)
-        if spec is None:
-            known = ", ".join(repr(s.name) for s in self._inputs)
-            msg = f"plan {self._path} has no input {name!r}: its inputs are {known}"
-            raise InputSpecError(msg)
-        return spec
-
     def _check_profile(self, spec: TensorSpec, shape: tuple[int, ...]) -> None:
         profile = self._profiles.get(spec.name)
         if profile is None:
@@ -472,7 +458,7 @@ class TensorRTEngine(TensorEngine):
 
     def _stage(self, slot: _Slot, inputs: Mapping[str, npt.NDArray[Any]]) -> None:
         for name, array in inputs.items():
-            spec = self._input_spec(name)
+            spec = find_input(self._input_index, name, self._path, prefix="plan ")
             candidate: object = array
             if not isinstance(candidate, np.ndarray):
                 msg = (

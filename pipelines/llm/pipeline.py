@@ -57,7 +57,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from engines.affinity import format_cpulist, pin_current_thread
 from engines.errors import EngineError, InferenceAbortedError, InputSpecError
 from engines.llama import ChatPrompt, KvState, LlamaEngine, Sampling
 from pipelines.base import Heartbeats, PipelineContext, ResolvedModel
@@ -66,6 +65,7 @@ from pipelines.llm.cache import KvLru, Session, SessionStore
 from pipelines.llm.config import LlmPipelineConfig
 from pipelines.llm.requests import GenerateRequest
 from pipelines.llm.stream import Coalescer, TextAssembler
+from pipelines.workers import WorkerThreads
 
 __all__ = [
     "RESULT_SCHEMA",
@@ -184,8 +184,7 @@ class LlmPipeline:
         self._error: str | None = None
         self._stop = threading.Event()
         self._external: threading.Event | None = None
-        self._threads: list[threading.Thread] = []
-        self._workers: list[str] = []
+        self._workers = WorkerThreads(config.name, ctx.heartbeats, self._fail)
         self._counters = _Counters()
         self._last: dict[str, Any] | None = None
         self._started_at: float | None = None
@@ -278,12 +277,7 @@ class LlmPipeline:
         for job in queued:
             job.end, job.end_message = "cancelled", "the pipeline is stopping"
             self._finish(job, self._outcome(job, None))
-        joined = True
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-            joined &= not thread.is_alive()
-        for worker in self._workers:
-            self._ctx.heartbeats.unregister(worker)
+        joined = self._workers.finish(deadline)
         with self._lock:
             if self._state in ("created", "stopping"):
                 self._state = "stopped"
@@ -433,26 +427,9 @@ class LlmPipeline:
     # ------------------------------------------------------------------ threads
 
     def _spawn(self, role: str, body: Callable[[str], None], *, critical: bool) -> None:
-        worker = f"{self.name}/{role}"
-        self._ctx.heartbeats.register(worker, self.config.heartbeat_interval_s, critical=critical)
-        self._workers.append(worker)
         cpus = self._ctx.cpus_for(self.config.stage)
-
-        def run() -> None:
-            try:
-                if cpus:
-                    pin_current_thread(cpus)
-                    _log.debug("%s pinned to CPUs %s", worker, format_cpulist(cpus))
-                body(worker)
-            except Exception as exc:  # noqa: BLE001 - thread top level: fail the pipeline
-                _log.exception("pipeline %s: %s failed", self.name, role)
-                self._fail(f"{role}: {type(exc).__name__}: {exc}")
-            finally:
-                self._ctx.heartbeats.unregister(worker)
-
-        thread = threading.Thread(target=run, name=worker, daemon=True)
-        self._threads.append(thread)
-        thread.start()
+        interval_s = self.config.heartbeat_interval_s
+        self._workers.start(role, body, cpus=cpus, interval_s=interval_s, critical=critical)
 
     def _fail(self, error: str) -> None:
         with self._lock:

@@ -41,7 +41,6 @@ from typing import Any, Literal
 import numpy.typing as npt
 from pydantic import ValidationError
 
-from engines.affinity import format_cpulist, pin_current_thread
 from engines.base import TensorEngine, Ticket
 from engines.errors import EngineError
 from pipelines.base import PipelineContext
@@ -58,6 +57,7 @@ from pipelines.vision.results import (
     frame_fingerprint,
 )
 from pipelines.vision.sources import CaptureLink, Frame, FrameHub, FrameSource
+from pipelines.workers import WorkerThreads, pinner
 
 __all__ = ["KEEP", "VisionPipeline"]
 
@@ -148,8 +148,7 @@ class VisionPipeline:
         self._lock = threading.Lock()
         self._state: State = "created"
         self._error: str | None = None
-        self._threads: list[threading.Thread] = []
-        self._workers: list[str] = []
+        self._workers = WorkerThreads(config.name, ctx.heartbeats, self._fail)
         self._snapshot_for: set[str | None] = set()
         self._latency = {k: LatencyHistogram() for k in LATENCY_STAGES}
         self._cpu = {k: LatencyHistogram() for k in ("preprocess", "postprocess")}
@@ -204,9 +203,9 @@ class VisionPipeline:
         for slot, source in enumerate(self._sources):
             worker = f"{self.name}/capture/{source.name}"
             # a stream open/read may block up to its timeout: never report that as a hang
-            self._register(worker, max(interval, source.max_block_s() + 2.0))
+            self._workers.register(worker, max(interval, source.max_block_s() + 2.0))
             link = CaptureLink(self._hub, slot, self._capture_stop, self._ctx.heartbeats, worker)
-            source.start(link, self._pinner(cfg.stages.capture, worker))
+            source.start(link, pinner(self._ctx.cpus_for(cfg.stages.capture), worker))
         self._spawn("preprocess", cfg.stages.preprocess, self._preprocess_loop)
         self._spawn("inference", cfg.stages.inference, self._inference_loop)
         self._spawn("postprocess", cfg.stages.postprocess, self._postprocess_loop)
@@ -224,11 +223,7 @@ class VisionPipeline:
         joined = True
         for source in self._sources:
             joined &= source.join(deadline - time.monotonic())
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-            joined &= not thread.is_alive()
-        for worker in self._workers:
-            self._ctx.heartbeats.unregister(worker)
+        joined &= self._workers.finish(deadline)
         with self._lock:
             if self._state in ("created", "stopping"):
                 self._state = "stopped"
@@ -374,39 +369,9 @@ class VisionPipeline:
 
     # -- workers ---------------------------------------------------------------------------
 
-    def _register(self, worker: str, interval: float) -> None:
-        self._ctx.heartbeats.register(worker, interval, critical=True)
-        self._workers.append(worker)
-
-    def _pinner(self, stage: str, worker: str) -> Callable[[], None]:
-        cpus = self._ctx.cpus_for(stage)
-
-        def pin() -> None:
-            if cpus:
-                pin_current_thread(cpus)
-                _log.debug("%s pinned to CPUs %s", worker, format_cpulist(cpus))
-
-        return pin
-
     def _spawn(self, role: str, stage: str, body: Callable[[str], None]) -> None:
-        worker = f"{self.name}/{role}"
-        self._register(worker, self.config.heartbeat_interval_s)
-        pin = self._pinner(stage, worker)
-
-        def run() -> None:
-            try:
-                pin()
-                body(worker)
-            except Exception as exc:  # noqa: BLE001 - thread top level: fail the pipeline, not the agent
-                _log.exception("pipeline %s: %s worker failed", self.name, role)
-                self._fail(f"{role}: {type(exc).__name__}: {exc}")
-            finally:
-                # a worker that ended stops promising beats; only a hung one goes stale
-                self._ctx.heartbeats.unregister(worker)
-
-        thread = threading.Thread(target=run, name=worker, daemon=True)
-        self._threads.append(thread)
-        thread.start()
+        cpus = self._ctx.cpus_for(stage)
+        self._workers.start(role, body, cpus=cpus, interval_s=self.config.heartbeat_interval_s)
 
     def _fail(self, error: str) -> None:
         with self._lock:
