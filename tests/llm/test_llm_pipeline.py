@@ -193,7 +193,9 @@ def test_deadline_of_a_running_and_a_queued_request(store: ModelStore) -> None:
         queued_result = queued.wait(30)
         assert running_one.done is False
         running_one.cancel()
-        late = pipeline.submit(GenerateRequest(prompt=COUNTING, max_tokens=1500, deadline_s=1.0))
+        # 5 s: the short prompt is evaluated well inside it even on a loaded machine, and 1500
+        # tokens take > 18 s at SmolLM2's ~80 tok/s, so the deadline strikes during decode
+        late = pipeline.submit(GenerateRequest(prompt=COUNTING, max_tokens=1500, deadline_s=5.0))
         late_result = late.wait(60)
     assert queued_result is not None
     assert (queued_result["status"], queued_result["stage"]) == ("deadline_exceeded", "queued")
