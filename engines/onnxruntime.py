@@ -38,7 +38,7 @@ from engines.errors import (
     ProviderError,
 )
 from engines.onnxruntime_config import OnnxRuntimeConfig
-from engines.slots import SlotRing, check_model_file, check_open, find_input
+from engines.slots import SlotRing, check_array, check_model_file, check_open, find_input
 
 __all__ = ["OnnxRuntimeEngine", "intra_op_affinities"]
 
@@ -406,19 +406,7 @@ class OnnxRuntimeEngine(TensorEngine):
         slot.shape_key = tuple(shapes)
 
     def _accept(self, slot: _Slot, spec: TensorSpec, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
-        candidate: object = array
-        if not isinstance(candidate, np.ndarray):
-            msg = (
-                f"input {spec.name!r} of {self._path} must be a numpy array, got "
-                f"{type(candidate).__name__}: convert it with np.asarray"
-            )
-            raise InputSpecError(msg)
-        if array.dtype != spec.dtype:
-            msg = (
-                f"input {spec.name!r} of {self._path} has dtype {array.dtype}, the model wants "
-                f"{spec.dtype}: convert in preprocessing (or write into input_buffer)"
-            )
-            raise InputSpecError(msg)
+        check_array(array, spec, self._path)
         self._check_shape(spec, array.shape)
         if array.flags.c_contiguous:
             return array

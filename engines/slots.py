@@ -15,6 +15,8 @@ import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
 from engines.base import TensorSpec, Ticket
 from engines.errors import (
     EngineClosedError,
@@ -24,7 +26,14 @@ from engines.errors import (
     ModelFormatError,
 )
 
-__all__ = ["SlotRing", "check_model_file", "check_open", "file_sha256", "find_input"]
+__all__ = [
+    "SlotRing",
+    "check_array",
+    "check_model_file",
+    "check_open",
+    "file_sha256",
+    "find_input",
+]
 
 
 class SlotRing:
@@ -135,6 +144,25 @@ def find_input(
         msg = f"{prefix}{path} has no input {name!r}: its inputs are {known}"
         raise InputSpecError(msg)
     return spec
+
+
+def check_array(
+    array: object, spec: TensorSpec, path: Path, *, prefix: str = "", owner: str = "model"
+) -> None:
+    """``InputSpecError`` unless ``array`` is a NumPy array of ``spec``'s dtype; the message
+    names the model as ``{prefix}{path}`` and says what ``owner`` ("model"/"plan") wants."""
+    if not isinstance(array, np.ndarray):
+        msg = (
+            f"input {spec.name!r} of {prefix}{path} must be a numpy array, got "
+            f"{type(array).__name__}: convert it with np.asarray"
+        )
+        raise InputSpecError(msg)
+    if array.dtype != spec.dtype:
+        msg = (
+            f"input {spec.name!r} of {prefix}{path} has dtype {array.dtype}, the {owner} wants "
+            f"{spec.dtype}: convert in preprocessing (or write into input_buffer)"
+        )
+        raise InputSpecError(msg)
 
 
 def file_sha256(path: Path, *, chunk: int = 1 << 20) -> str:

@@ -55,7 +55,14 @@ from engines.plans import (
     compatibility_problems,
     detect_soc,
 )
-from engines.slots import SlotRing, check_model_file, check_open, file_sha256, find_input
+from engines.slots import (
+    SlotRing,
+    check_array,
+    check_model_file,
+    check_open,
+    file_sha256,
+    find_input,
+)
 from engines.tensorrt_config import TensorRTConfig
 
 __all__ = [
@@ -459,19 +466,7 @@ class TensorRTEngine(TensorEngine):
     def _stage(self, slot: _Slot, inputs: Mapping[str, npt.NDArray[Any]]) -> None:
         for name, array in inputs.items():
             spec = find_input(self._input_index, name, self._path, prefix="plan ")
-            candidate: object = array
-            if not isinstance(candidate, np.ndarray):
-                msg = (
-                    f"input {name!r} of plan {self._path} must be a numpy array, got "
-                    f"{type(candidate).__name__}: convert it with np.asarray"
-                )
-                raise InputSpecError(msg)
-            if array.dtype != spec.dtype:
-                msg = (
-                    f"input {name!r} of plan {self._path} has dtype {array.dtype}, the plan "
-                    f"wants {spec.dtype}: convert in preprocessing (or write into input_buffer)"
-                )
-                raise InputSpecError(msg)
+            check_array(array, spec, self._path, prefix="plan ", owner="plan")
             shape = tuple(array.shape)
             self._check_profile(spec, shape)
             view = slot.bindings[name].view(shape)
