@@ -1,4 +1,5 @@
-"""Token buckets: ``rate_per_s`` tokens refill per second up to ``burst``; a command takes one."""
+"""Token buckets: ``rate_per_s`` tokens refill per second up to ``burst``; a command takes one,
+the keyboard wedge takes one per character."""
 
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ class TokenBucket:
         self._t = clock()
         self._lock = threading.Lock()
 
-    def take(self) -> bool:
-        """Take one token; False (and nothing taken) when the bucket is empty."""
+    def take(self, n: float = 1.0) -> bool:
+        """Take ``n`` tokens; False (and nothing taken) when fewer than ``n`` are left."""
         with self._lock:
             now = self._clock()
-            self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
+            self._tokens = min(float(self.burst), self._tokens + (now - self._t) * self.rate)
             self._t = now
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
+            if self._tokens >= n:
+                self._tokens -= n
                 return True
             return False

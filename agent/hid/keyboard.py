@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from agent.commands.ratelimit import TokenBucket
 from agent.errors import HidPayloadError
 from agent.hid.filters import topic_matches
 
@@ -251,11 +252,7 @@ class KeyboardWedge:
         self.template = Template(template)
         self.topics = list(topics)
         self._writer = writer
-        self._clock = clock
-        self._rate = chars_per_s
-        self._burst = burst_chars
-        self._tokens = float(burst_chars)
-        self._t = clock()
+        self._bucket = TokenBucket(chars_per_s, burst_chars, clock=clock)
         self._lock = threading.Lock()
         self.counters = {
             "messages_queued": 0,
@@ -290,20 +287,16 @@ class KeyboardWedge:
             self._drop("dropped_unmappable", str(exc))
             return False
         n = len(text)
-        if n > self._burst:
+        if n > self._bucket.burst:
             self._drop(
                 "dropped_too_long",
-                f"{n} characters exceed reporting.hid.keyboard.burst_chars ({self._burst})",
+                f"{n} characters exceed reporting.hid.keyboard.burst_chars ({self._bucket.burst})",
             )
             return False
-        with self._lock:
-            now = self._clock()
-            self._tokens = min(float(self._burst), self._tokens + (now - self._t) * self._rate)
-            self._t = now
-            if self._tokens < n:
+        if not self._bucket.take(n):
+            with self._lock:
                 self.counters["dropped_rate_limited"] += 1
-                return False
-            self._tokens -= n
+            return False
         if not self._writer.submit(reports):
             with self._lock:
                 self.counters["dropped_queue_full"] += 1

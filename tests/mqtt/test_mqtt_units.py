@@ -176,3 +176,13 @@ def test_token_bucket_refills_at_its_rate() -> None:
     assert [bucket.take(), bucket.take()] == [True, False]
     with pytest.raises(ValueError, match="burst"):
         TokenBucket(1.0, 0)
+
+
+def test_token_bucket_takes_n_tokens_whole_or_not_at_all() -> None:
+    t = [0.0]
+    bucket = TokenBucket(2.0, 5, clock=lambda: t[0])
+    assert bucket.take(4)
+    assert not bucket.take(2)  # one left: nothing taken
+    assert bucket.take(1)
+    t[0] = 1.0  # two tokens back
+    assert [bucket.take(3), bucket.take(2)] == [False, True]
