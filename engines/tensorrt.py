@@ -643,8 +643,9 @@ def _lookup_plan(
     cuda.init()
     device = cuda.Device(config.device)
     major, minor = device.compute_capability()
+    sha = file_sha256(source)
     key = PlanKey(
-        model_sha256=file_sha256(source),
+        model_sha256=sha,
         trt_version=str(runtime.trt.__version__),
         compute_capability=(int(major), int(minor)),
         soc=detect_soc(runtime.compatible),
@@ -663,6 +664,7 @@ def _lookup_plan(
             calibration_images=config.calibration_images,
             timing_cache=config.timing_cache,
             device=config.device,
+            model_sha256=sha,
         )
         found = build_plan(request, store, runtime=runtime, progress=progress or _log_progress)
     if found is None:

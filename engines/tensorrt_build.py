@@ -58,6 +58,8 @@ class BuildRequest:
     timing_cache: Path | None = None
     device: int = 0
     calibration_limit: int = 500
+    model_sha256: str | None = None
+    """sha256 of ``onnx`` when the caller has already hashed it (else ``build_plan`` does)."""
 
 
 def plan_key(request: BuildRequest, *, model_sha256: str, trt_version: str,
@@ -328,7 +330,7 @@ def build_plan(
         images = load_calibration_images(request.calibration_images, request.calibration_limit)
     trt = runtime.trt
     reporter = _Reporter(progress)
-    sha = file_sha256(onnx)
+    sha = request.model_sha256 if request.model_sha256 is not None else file_sha256(onnx)
     with _cuda_context(runtime, request.device) as device:
         key = plan_key(request, model_sha256=sha, trt_version=str(trt.__version__), device=device)
         reporter.say(
