@@ -185,25 +185,24 @@ def check_config_file(path: Path) -> list[ConfigProblem]:
     config, problems = parse_config_text(text)
     if config is None:
         return problems
-    lines = key_lines(text)
-    return _pinning_problems(config, lines)
+    return _pinning_problems(config, text)
 
 
-def _pinning_problems(config: AgentConfig, lines: Mapping[KeyPath, int]) -> list[ConfigProblem]:
-    from agent.pinning import plan_pinning  # noqa: PLC0415 - heavy /sys reads only when asked
+def _pinning_problems(config: AgentConfig, text: str) -> list[ConfigProblem]:
+    from agent.pinning import pinning_problems  # noqa: PLC0415 - heavy /sys reads only when asked
 
     try:
-        plan_pinning(config.pinning)
-    except PinningError as exc:
-        # PinningError messages start with the key they are about: "pinning.process: ..."
-        message = str(exc)
-        path: KeyPath = ("pinning",)
-        match = re.match(r"^(pinning(?:\.[A-Za-z_]+)+):\s*(.*)$", message, re.DOTALL)
-        if match:
-            path = tuple(match.group(1).split("."))
-            message = match.group(2)
-        return [ConfigProblem(path, _line_for(path, lines), message)]
-    return []
+        errors = pinning_problems(config.pinning)
+    except PinningError as exc:  # unreadable NUMA topology: no plan can be checked
+        errors = [exc]
+    if not errors:
+        return []
+    lines = key_lines(text)
+    problems: list[ConfigProblem] = []
+    for exc in errors:
+        path: KeyPath = tuple(exc.key.split(".")) if exc.key else ("pinning",)
+        problems.append(ConfigProblem(path, _line_for(path, lines), exc.detail))
+    return problems
 
 
 # --------------------------------------------------------------------------------------------

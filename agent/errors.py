@@ -95,7 +95,17 @@ class CredentialError(AgentError):
 
 
 class PinningError(AgentError):
+    """A pinning setting that cannot be applied; ``key`` is the config key it is about.
+
+    With ``key`` the message reads ``"<key>: <detail>"``; ``detail`` is the part after it.
+    """
+
     reason = "pinning_invalid"
+
+    def __init__(self, detail: str, *, key: str | None = None) -> None:
+        self.key = key
+        self.detail = detail
+        super().__init__(f"{key}: {detail}" if key else detail)
 
 
 class NumaUnavailableError(PinningError):

@@ -143,14 +143,13 @@ def parse_cpu_spec(spec: CpuSpec, allowed: frozenset[int], *, key: str) -> froze
         text = spec.strip()
         if text == _AUTO:
             if not allowed:
-                msg = f'{key}: "auto" but no CPU is allowed to this process'
-                raise PinningError(msg)
+                msg = '"auto" but no CPU is allowed to this process'
+                raise PinningError(msg, key=key)
             return allowed
         try:
             cpus = parse_cpulist(text)
         except ValueError as exc:
-            msg = f"{key}: {exc}"
-            raise PinningError(msg) from exc
+            raise PinningError(str(exc), key=key) from exc
     else:
         bad_items = [
             cpu
@@ -158,20 +157,20 @@ def parse_cpu_spec(spec: CpuSpec, allowed: frozenset[int], *, key: str) -> froze
             if isinstance(cpu, bool) or not isinstance(cpu, int) or not 0 <= cpu <= MAX_CPU
         ]
         if bad_items:
-            msg = f"{key}: {bad_items!r} are not CPU numbers (0-{MAX_CPU})"
-            raise PinningError(msg)
+            msg = f"{bad_items!r} are not CPU numbers (0-{MAX_CPU})"
+            raise PinningError(msg, key=key)
         cpus = frozenset(spec)
     if not cpus:
-        msg = f'{key}: empty CPU set; write "auto", a list such as "0-3,6", or [0, 1]'
-        raise PinningError(msg)
+        msg = 'empty CPU set; write "auto", a list such as "0-3,6", or [0, 1]'
+        raise PinningError(msg, key=key)
     outside = cpus - allowed
     if outside:
         msg = (
-            f"{key}: CPUs {format_cpulist(outside)} are outside the allowed set {allowed_text} "
+            f"CPUs {format_cpulist(outside)} are outside the allowed set {allowed_text} "
             f"(sched_getaffinity: cgroup cpuset, CPUAffinity=, taskset); "
             f'use CPUs from {allowed_text} or "auto"'
         )
-        raise PinningError(msg)
+        raise PinningError(msg, key=key)
     return cpus
 
 
@@ -300,10 +299,10 @@ def _stage_cpus(
     outside = cpus - process
     if outside:
         msg = (
-            f"{key}: CPUs {format_cpulist(outside)} are outside the process set "
+            f"CPUs {format_cpulist(outside)} are outside the process set "
             f"pinning.process = {format_cpulist(process)}; a stage can only narrow it"
         )
-        raise PinningError(msg)
+        raise PinningError(msg, key=key)
     return cpus
 
 
@@ -317,11 +316,11 @@ def _plan_numa(
     if cfg.numa_policy == "none":
         if requested:
             msg = (
-                f"pinning.numa_nodes: nodes {format_cpulist(requested)} have no effect while "
+                f"nodes {format_cpulist(requested)} have no effect while "
                 'pinning.numa_policy = "none"; set a policy (bind, preferred, interleave) '
                 "or remove numa_nodes"
             )
-            raise PinningError(msg)
+            raise PinningError(msg, key="pinning.numa_nodes")
         return frozenset()
     if not nodes:
         # Kernel without NUMA: nothing to check against; applying gives a warning.
@@ -332,17 +331,17 @@ def _plan_numa(
     bad = chosen - usable
     if bad:
         msg = (
-            f"pinning.numa_nodes: nodes {format_cpulist(bad)} are not usable; this process may "
+            f"nodes {format_cpulist(bad)} are not usable; this process may "
             f"allocate from nodes {format_cpulist(usable) or '(none)'} "
             "(/sys/devices/system/node, cpuset.mems)"
         )
-        raise PinningError(msg)
+        raise PinningError(msg, key="pinning.numa_nodes")
     if cfg.numa_policy == "preferred" and len(chosen) != 1:
         msg = (
-            f'pinning.numa_policy: "preferred" takes exactly one node, got '
+            f'"preferred" takes exactly one node, got '
             f"{format_cpulist(chosen)}; set pinning.numa_nodes = [N]"
         )
-        raise PinningError(msg)
+        raise PinningError(msg, key="pinning.numa_policy")
     return chosen
 
 
@@ -419,17 +418,17 @@ def _pin_all_threads(cpus: frozenset[int]) -> int:
         pinned = _for_each_thread(lambda tid: os.sched_setaffinity(tid, cpus))
     except OSError as exc:
         msg = (
-            f"pinning.process: cannot pin to CPUs {format_cpulist(cpus)}: "
+            f"cannot pin to CPUs {format_cpulist(cpus)}: "
             f"{exc.strerror or exc}; this process may use CPUs {format_cpulist(allowed_cpus())}"
         )
-        raise PinningError(msg) from exc
+        raise PinningError(msg, key="pinning.process") from exc
     readback = frozenset(os.sched_getaffinity(0))
     if readback != cpus:
         msg = (
-            f"pinning.process: asked for CPUs {format_cpulist(cpus)} but the kernel gave "
+            f"asked for CPUs {format_cpulist(cpus)} but the kernel gave "
             f"{format_cpulist(readback)} (cgroup cpuset changed?)"
         )
-        raise PinningError(msg)
+        raise PinningError(msg, key="pinning.process")
     return pinned
 
 
@@ -442,8 +441,8 @@ def _set_nice(nice: int, warnings: list[str]) -> None:
             "RLIMIT_NICE, e.g. systemd Nice= or LimitNICE=)"
         )
     except OSError as exc:
-        msg = f"pinning.nice: setpriority({nice}) failed: {exc.strerror or exc}"
-        raise PinningError(msg) from exc
+        msg = f"setpriority({nice}) failed: {exc.strerror or exc}"
+        raise PinningError(msg, key="pinning.nice") from exc
 
 
 def _set_fifo(priority: int, warnings: list[str]) -> None:
@@ -456,8 +455,8 @@ def _set_fifo(priority: int, warnings: list[str]) -> None:
             "CAP_SYS_NICE or RLIMIT_RTPRIO, e.g. systemd LimitRTPRIO=)"
         )
     except OSError as exc:
-        msg = f"pinning.sched_fifo_priority: SCHED_FIFO {priority} failed: {exc.strerror or exc}"
-        raise PinningError(msg) from exc
+        msg = f"SCHED_FIFO {priority} failed: {exc.strerror or exc}"
+        raise PinningError(msg, key="pinning.sched_fifo_priority") from exc
 
 
 def _mlockall(warnings: list[str]) -> bool:
@@ -473,8 +472,8 @@ def _mlockall(warnings: list[str]) -> bool:
             "large enough RLIMIT_MEMLOCK, e.g. systemd LimitMEMLOCK=infinity)"
         )
         return False
-    msg = f"pinning.mlockall: mlockall failed: {os.strerror(err)}"
-    raise PinningError(msg)
+    msg = f"mlockall failed: {os.strerror(err)}"
+    raise PinningError(msg, key="pinning.mlockall")
 
 
 def _locked_kb() -> int | None:

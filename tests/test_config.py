@@ -134,6 +134,21 @@ def test_cpu_outside_allowed_set_is_a_problem(tmp_path: Path) -> None:
     assert str(outside) in problems[0].message
 
 
+def test_every_pinning_problem_is_reported_with_its_line(tmp_path: Path) -> None:
+    outside = max(allowed_cpus()) + 1
+    text = (
+        f'[pinning]\nprocess = "auto"\n[pinning.stages]\n'
+        f'capture = [{outside}]\nllm = "{outside}-{outside + 1}"\n'
+    )
+    problems = by_key(check_config_file(write(tmp_path, text)))
+    assert sorted(problems) == ["pinning.stages.capture", "pinning.stages.llm"]
+    assert problems["pinning.stages.capture"].line == 4
+    assert problems["pinning.stages.llm"].line == 5
+    for problem in problems.values():
+        assert problem.message.startswith(f"CPUs {outside}")
+        assert "outside the allowed set" in problem.message
+
+
 def test_load_missing_file_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigFileError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
