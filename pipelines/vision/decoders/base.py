@@ -26,21 +26,26 @@ import numpy as np
 import numpy.typing as npt
 
 from engines.base import TensorSpec
+from engines.manifest import InputSpec
 from pipelines.errors import DecoderMismatchError, PipelineConfigError
 from pipelines.vision.detections import Detections, empty_detections
 from pipelines.vision.nms import batched_nms
 from pipelines.vision.preprocess import FrameMeta
 
 __all__ = [
+    "STRIDES_P5",
+    "STRIDES_P6",
     "BaseDecoder",
     "DecodeParams",
     "Decoder",
     "anchor_count",
+    "anchor_counts",
     "check_runtime_shape",
     "check_shape",
     "describe",
     "finish",
     "objectness_candidates",
+    "pick_anchors",
     "select_scores",
     "single_output",
     "single_output_spec",
@@ -144,6 +149,27 @@ class BaseDecoder(abc.ABC):
 def anchor_count(width: int, height: int, strides: Iterable[int]) -> int:
     """Grid cells over all strides for an input of ``width`` x ``height`` (ceil division)."""
     return sum(-(-width // s) * -(-height // s) for s in strides)
+
+
+STRIDES_P5 = (8, 16, 32)
+"""Strides of a P5 detection head (YOLOv5/v8/11)."""
+STRIDES_P6 = (8, 16, 32, 64)
+"""Strides of a P6 detection head (an extra stride-64 level)."""
+
+
+def anchor_counts(spec: InputSpec, per_cell: int = 1) -> tuple[int, int]:
+    """Anchors of a P5 and of a P6 head for ``spec``'s input size, ``per_cell`` per grid cell."""
+    p5 = per_cell * anchor_count(spec.width, spec.height, STRIDES_P5)
+    p6 = per_cell * anchor_count(spec.width, spec.height, STRIDES_P6)
+    return p5, p6
+
+
+def pick_anchors(shape: Sequence[int], axis: int, counts: tuple[int, int]) -> int:
+    """The anchor count of a rank-3 output: ``shape[axis]`` if it is one of ``counts``
+    (P5 or P6), else the P5 count (the shape check then names the mismatch)."""
+    if len(shape) == 3 and shape[axis] in counts:
+        return int(shape[axis])
+    return counts[0]
 
 
 def describe(specs: Iterable[TensorSpec]) -> str:

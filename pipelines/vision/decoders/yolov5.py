@@ -19,11 +19,12 @@ from engines.manifest import InputSpec
 from pipelines.vision.decoders.base import (
     BaseDecoder,
     DecodeParams,
-    anchor_count,
+    anchor_counts,
     check_runtime_shape,
     check_shape,
     finish,
     objectness_candidates,
+    pick_anchors,
     single_output,
     single_output_spec,
     xywh_to_xyxy,
@@ -34,8 +35,6 @@ from pipelines.vision.preprocess import FrameMeta
 __all__ = ["Yolov5Decoder"]
 
 ANCHORS_PER_CELL = 3
-STRIDES_P5 = (8, 16, 32)
-STRIDES_P6 = (8, 16, 32, 64)
 
 
 class Yolov5Decoder(BaseDecoder):
@@ -45,11 +44,7 @@ class Yolov5Decoder(BaseDecoder):
 
     def __init__(self, spec: InputSpec, num_classes: int) -> None:
         self.num_classes = num_classes
-        self._counts = tuple(
-            ANCHORS_PER_CELL * anchor_count(spec.width, spec.height, strides)
-            for strides in (STRIDES_P5, STRIDES_P6)
-        )
-        self._expected = (-1, self._counts[0], 5 + num_classes)
+        self._counts = anchor_counts(spec, ANCHORS_PER_CELL)
 
     @override
     def check_outputs(
@@ -57,10 +52,8 @@ class Yolov5Decoder(BaseDecoder):
     ) -> None:
         meaning = f"cx, cy, w, h, objectness + {self.num_classes} class scores per box"
         spec = single_output_spec(self.name, outputs, meaning)
-        if len(spec.shape) == 3 and spec.shape[1] in self._counts:
-            check_shape(self.name, spec, (-1, spec.shape[1], 5 + self.num_classes), meaning)
-        else:
-            check_shape(self.name, spec, self._expected, meaning)
+        n = pick_anchors(spec.shape, 1, self._counts)
+        check_shape(self.name, spec, (-1, n, 5 + self.num_classes), meaning)
 
     @override
     def decode(
@@ -70,7 +63,7 @@ class Yolov5Decoder(BaseDecoder):
         params: DecodeParams,
     ) -> list[Detections]:
         raw = single_output(self.name, outputs)
-        n = raw.shape[1] if raw.ndim == 3 and raw.shape[1] in self._counts else self._counts[0]
+        n = pick_anchors(raw.shape, 1, self._counts)
         check_runtime_shape(self.name, "output", raw, (-1, n, 5 + self.num_classes), len(metas))
         results = []
         for b, meta in enumerate(metas):

@@ -19,10 +19,11 @@ from engines.manifest import InputSpec
 from pipelines.vision.decoders.base import (
     BaseDecoder,
     DecodeParams,
-    anchor_count,
+    anchor_counts,
     check_runtime_shape,
     check_shape,
     finish,
+    pick_anchors,
     select_scores,
     single_output,
     single_output_spec,
@@ -33,9 +34,6 @@ from pipelines.vision.preprocess import FrameMeta
 
 __all__ = ["Yolov8Decoder"]
 
-STRIDES_P5 = (8, 16, 32)
-STRIDES_P6 = (8, 16, 32, 64)
-
 
 class Yolov8Decoder(BaseDecoder):
     """Decoder for YOLOv8 / YOLO11 detection exports (see the module docstring)."""
@@ -44,16 +42,8 @@ class Yolov8Decoder(BaseDecoder):
 
     def __init__(self, spec: InputSpec, num_classes: int) -> None:
         self.num_classes = num_classes
-        self._counts = tuple(
-            anchor_count(spec.width, spec.height, strides) for strides in (STRIDES_P5, STRIDES_P6)
-        )
-        self._expected = (-1, 4 + num_classes, self._counts[0])
+        self._counts = anchor_counts(spec)
         self._scratch: dict[int, npt.NDArray[np.float32]] = {}
-
-    def _anchors(self, shape: Sequence[int]) -> int:
-        if len(shape) == 3 and shape[2] in self._counts:
-            return int(shape[2])
-        return self._counts[0]
 
     @override
     def check_outputs(
@@ -61,7 +51,7 @@ class Yolov8Decoder(BaseDecoder):
     ) -> None:
         meaning = f"cx, cy, w, h + {self.num_classes} class scores, channels first"
         spec = single_output_spec(self.name, outputs, meaning)
-        n = self._anchors(spec.shape)
+        n = pick_anchors(spec.shape, 2, self._counts)
         check_shape(self.name, spec, (-1, 4 + self.num_classes, n), meaning)
 
     @override
@@ -72,7 +62,7 @@ class Yolov8Decoder(BaseDecoder):
         params: DecodeParams,
     ) -> list[Detections]:
         raw = single_output(self.name, outputs)
-        n = self._anchors(raw.shape)
+        n = pick_anchors(raw.shape, 2, self._counts)
         check_runtime_shape(self.name, "output", raw, (-1, 4 + self.num_classes, n), len(metas))
         score = self._scratch.get(n)
         if score is None:
