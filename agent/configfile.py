@@ -199,9 +199,9 @@ def _pinning_problems(config: AgentConfig, text: str) -> list[ConfigProblem]:
         return []
     lines = key_lines(text)
     problems: list[ConfigProblem] = []
-    for exc in errors:
-        path: KeyPath = tuple(exc.key.split(".")) if exc.key else ("pinning",)
-        problems.append(ConfigProblem(path, _line_for(path, lines), exc.detail))
+    for error in errors:
+        path: KeyPath = tuple(error.key.split(".")) if error.key else ("pinning",)
+        problems.append(ConfigProblem(path, _line_for(path, lines), error.detail))
     return problems
 
 
