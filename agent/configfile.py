@@ -154,11 +154,10 @@ def parse_config_text(text: str) -> tuple[AgentConfig | None, list[ConfigProblem
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         return None, [_syntax_problem(exc)]
-    lines = key_lines(text)
     try:
         config = AgentConfig.model_validate(data)
     except ValidationError as exc:
-        return None, _problems_from_validation(exc, data, lines)
+        return None, _problems_from_validation(exc, data, key_lines(text))
     return config, []
 
 
