@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,18 +46,23 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
-def read_thermal_zones(sys_root: Path = Path("/sys")) -> list[ThermalZone]:
-    """Every thermal zone with a readable temperature."""
-    zones: list[ThermalZone] = []
-    base = sys_root / "class" / "thermal"
+def _zone_temps(sys_root: Path) -> list[tuple[Path, str]]:
+    """Each ``thermal_zone*`` directory (sorted) with its readable ``temp`` text."""
     try:
-        entries = sorted(base.glob("thermal_zone*"))
+        entries = sorted((sys_root / "class" / "thermal").glob("thermal_zone*"))
     except OSError:
-        return zones
+        return []
+    out: list[tuple[Path, str]] = []
     for zone in entries:
         raw = _read_text(zone / "temp")
-        if raw is None:
-            continue
+        if raw is not None:
+            out.append((zone, raw))
+    return out
+
+
+def _thermal_zones(temps: Sequence[tuple[Path, str]]) -> list[ThermalZone]:
+    zones: list[ThermalZone] = []
+    for zone, raw in temps:
         try:
             temp_c = int(raw) / 1000.0
         except ValueError:
@@ -69,9 +74,17 @@ def read_thermal_zones(sys_root: Path = Path("/sys")) -> list[ThermalZone]:
     return zones
 
 
-def read_throttling(sys_root: Path = Path("/sys")) -> dict[str, Any]:
+def read_thermal_zones(sys_root: Path = Path("/sys")) -> list[ThermalZone]:
+    """Every thermal zone with a readable temperature."""
+    return _thermal_zones(_zone_temps(sys_root))
+
+
+def read_throttling(
+    sys_root: Path = Path("/sys"), zones: Sequence[tuple[Path, str]] | None = None
+) -> dict[str, Any]:
     """Raspberry Pi firmware throttle flags and per-zone exceeded trip points (Jetson and
-    others); empty when the platform exposes neither."""
+    others); empty when the platform exposes neither. ``zones``: the thermal zones with their
+    ``temp`` text when the caller has read them already (read from ``sys_root`` otherwise)."""
     out: dict[str, Any] = {}
     raw = _read_text(sys_root / "devices/platform/soc/soc:firmware/get_throttled")
     if raw is not None:
@@ -83,9 +96,8 @@ def read_throttling(sys_root: Path = Path("/sys")) -> dict[str, Any]:
             out["rpi_get_throttled"] = f"0x{bits:x}"
             out["rpi_flags"] = [name for bit, name in _RPI_THROTTLE_BITS.items() if bits >> bit & 1]
     tripped: dict[str, list[str]] = {}
-    for zone in sorted((sys_root / "class" / "thermal").glob("thermal_zone*")):
-        temp = _read_text(zone / "temp")
-        if temp is None or not temp.lstrip("-").isdigit():
+    for zone, temp in _zone_temps(sys_root) if zones is None else zones:
+        if not temp.lstrip("-").isdigit():
             continue
         for trip_type_file in sorted(zone.glob("trip_point_*_type")):
             kind = _read_text(trip_type_file)
@@ -143,10 +155,11 @@ class SystemSampler:
             load = os.getloadavg()[0]
         except OSError:
             load = 0.0
+        zones = _zone_temps(self._sys)
         return SystemTelemetry(
             rss_bytes=self.rss_bytes(),
             cpu_percent=round(max(percent, 0.0), 2),
             load_avg_1m=round(load, 3),
-            thermal=read_thermal_zones(self._sys),
-            throttling=read_throttling(self._sys),
+            thermal=_thermal_zones(zones),
+            throttling=read_throttling(self._sys, zones),
         )

@@ -160,6 +160,22 @@ def test_system_sampler_reads_this_process(tmp_path: Path) -> None:
     assert s.thermal == []
 
 
+def test_system_sampler_reads_zones_once_for_thermal_and_throttling(tmp_path: Path) -> None:
+    _zone(tmp_path, 0, "CPU-therm", "81500", {"passive": "80000", "hot": "90000"})
+    _zone(tmp_path, 1, "GPU-therm", "-1500", {"passive": "80000"})
+    s = SystemSampler(sys_root=tmp_path).sample()
+    assert [(z.name, z.type, z.temp_c) for z in s.thermal] == [
+        ("thermal_zone0", "CPU-therm", 81.5),
+        ("thermal_zone1", "GPU-therm", -1.5),
+    ]
+    assert s.thermal == read_thermal_zones(tmp_path)
+    assert (
+        s.throttling
+        == read_throttling(tmp_path)
+        == {"trip_points_exceeded": {"thermal_zone0": ["passive"]}}
+    )
+
+
 def test_redaction_is_recursive_and_keeps_nulls() -> None:
     data = {"mqtt": {"password": "x", "password_file": None, "tls": [{"api_key": "k"}]}, "n": 1}
     assert redact(data) == {
