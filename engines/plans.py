@@ -19,7 +19,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import Field, ValidationError
 
@@ -31,11 +31,13 @@ __all__ = [
     "DeviceIdentity",
     "PlanKey",
     "PlanMetadata",
+    "PlanSettings",
     "PlanStore",
     "atomic_write_bytes",
     "compatibility_problems",
     "detect_device",
     "detect_soc",
+    "plan_key",
 ]
 
 DEVICE_TREE_COMPATIBLE = Path("/proc/device-tree/compatible")
@@ -108,6 +110,29 @@ class PlanKey:
             f"b{low}-{opt}-{high}",
         ]
         return "_".join(_SLUG_UNSAFE.sub("-", part) for part in parts)
+
+
+class PlanSettings(Protocol):
+    """What a plan key takes from a build request or an engine config: precision and batch."""
+
+    @property
+    def precision(self) -> str: ...
+
+    @property
+    def batch(self) -> tuple[int, int, int]: ...
+
+
+def plan_key(settings: PlanSettings, *, model_sha256: str, trt_version: str,
+             device: DeviceIdentity) -> PlanKey:  # fmt: skip
+    """The store key of the plan ``settings`` (precision, batch) builds on ``device``."""
+    return PlanKey(
+        model_sha256=model_sha256,
+        trt_version=trt_version,
+        compute_capability=device.compute_capability,
+        soc=device.soc,
+        precision=settings.precision,
+        batch=settings.batch,
+    )
 
 
 class PlanMetadata(StrictModel):

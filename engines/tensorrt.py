@@ -48,12 +48,11 @@ from engines.errors import (
 )
 from engines.plans import (
     DEVICE_TREE_COMPATIBLE,
-    DeviceIdentity,
-    PlanKey,
     PlanMetadata,
     PlanStore,
     compatibility_problems,
-    detect_soc,
+    detect_device,
+    plan_key,
 )
 from engines.slots import (
     SlotRing,
@@ -177,15 +176,7 @@ class TensorRTEngine(TensorEngine):
         self._slots: list[_Slot] = []
         check_model_file(self._path, fix=_REBUILD_FIX)
 
-        cuda = self._cuda
-        cuda.init()
-        device = cuda.Device(config.device)
-        major, minor = device.compute_capability()
-        self._device = DeviceIdentity(
-            compute_capability=(int(major), int(minor)),
-            soc=detect_soc(runtime.compatible),
-            name=str(device.name()),
-        )
+        self._device = detect_device(self._cuda, config.device, compatible=runtime.compatible)
         self._trt_version = str(self._trt.__version__)
         if metadata is not None:
             problems = compatibility_problems(
@@ -195,7 +186,7 @@ class TensorRTEngine(TensorEngine):
                 msg = f"plan {self._path} does not fit this device ({'; '.join(problems)}): "
                 raise PlanCompatibilityError(msg + _REBUILD_FIX)
 
-        self._cuda_context = device.retain_primary_context()
+        self._cuda_context = self._cuda.Device(config.device).retain_primary_context()
         self._cuda_context.push()
         try:
             self._load()
@@ -639,19 +630,10 @@ def _lookup_plan(
 ) -> tuple[Path, PlanMetadata | None]:
     check_model_file(source, fix="pull the model with `edge-agent models pull NAME`")
     store = plan_store_for(config, source)
-    cuda = runtime.cuda
-    cuda.init()
-    device = cuda.Device(config.device)
-    major, minor = device.compute_capability()
+    device = detect_device(runtime.cuda, config.device, compatible=runtime.compatible)
     sha = file_sha256(source)
-    key = PlanKey(
-        model_sha256=sha,
-        trt_version=str(runtime.trt.__version__),
-        compute_capability=(int(major), int(minor)),
-        soc=detect_soc(runtime.compatible),
-        precision=config.precision,
-        batch=config.batch,
-    )
+    trt_version = str(runtime.trt.__version__)
+    key = plan_key(config, model_sha256=sha, trt_version=trt_version, device=device)
     found = store.find(key)
     if found is None and config.build_if_missing:
         from engines.tensorrt_build import BuildRequest, build_plan  # noqa: PLC0415 - cycle

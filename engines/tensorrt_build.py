@@ -29,11 +29,11 @@ from engines.errors import PlanBuildError
 from engines.manifest import InputSpec
 from engines.plans import (
     DeviceIdentity,
-    PlanKey,
     PlanMetadata,
     PlanStore,
     atomic_write_bytes,
-    detect_soc,
+    detect_device,
+    plan_key,
 )
 from engines.slots import check_model_file, file_sha256
 from engines.tensorrt import TensorRTRuntime, make_trt_logger
@@ -60,19 +60,6 @@ class BuildRequest:
     calibration_limit: int = 500
     model_sha256: str | None = None
     """sha256 of ``onnx`` when the caller has already hashed it (else ``build_plan`` does)."""
-
-
-def plan_key(request: BuildRequest, *, model_sha256: str, trt_version: str,
-             device: DeviceIdentity) -> PlanKey:  # fmt: skip
-    """The store key of the plan ``request`` builds on ``device``."""
-    return PlanKey(
-        model_sha256=model_sha256,
-        trt_version=trt_version,
-        compute_capability=device.compute_capability,
-        soc=device.soc,
-        precision=request.precision,
-        batch=request.batch,
-    )
 
 
 def load_calibration_images(folder: Path, limit: int) -> list[Path]:
@@ -284,15 +271,8 @@ def _profile_shapes(
 @contextmanager
 def _cuda_context(runtime: TensorRTRuntime, index: int) -> Iterator[DeviceIdentity]:
     cuda = runtime.cuda
-    cuda.init()
-    device = cuda.Device(index)
-    major, minor = device.compute_capability()
-    identity = DeviceIdentity(
-        compute_capability=(int(major), int(minor)),
-        soc=detect_soc(runtime.compatible),
-        name=str(device.name()),
-    )
-    context = device.retain_primary_context()
+    identity = detect_device(cuda, index, compatible=runtime.compatible)
+    context = cuda.Device(index).retain_primary_context()
     context.push()
     try:
         yield identity
