@@ -112,6 +112,31 @@ def test_expired_messages_are_deleted_and_counted(tmp_path: Path) -> None:
         assert ob.stats().expired == 1
 
 
+def test_expiry_uses_its_index_and_keeps_id_order(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    now = [1000.0]
+    with Outbox(path, clock=lambda: now[0]) as ob:
+        ob.put("a", b"1", priority=DROP, expires_at=1009.0)
+        ob.put("b", b"2", priority=DROP, expires_at=1001.0)  # expires first, listed second
+        ob.put("c", b"3", priority=DROP, expires_at=1005.0)
+        ob.put("d", b"4", priority=DROP, expires_at=3000.0)
+        now[0] = 1010.0
+        assert ob.expire() == ["a", "b", "c"]
+        assert [r.payload for r in ob.pending()] == [b"4"]
+    db = sqlite3.connect(path)
+    db.execute("DROP INDEX outbox_expires_at")  # a file from before the index
+    db.commit()
+    db.close()
+    Outbox(path).close()  # opening adds it
+    db = sqlite3.connect(path)
+    plan = db.execute(
+        "EXPLAIN QUERY PLAN SELECT id, topic FROM outbox "
+        "WHERE expires_at IS NOT NULL AND expires_at <= 1 ORDER BY id"
+    ).fetchall()
+    db.close()
+    assert any("USING INDEX outbox_expires_at" in str(row[-1]) for row in plan), plan
+
+
 def test_dead_letter_moves_the_row_out_for_good(tmp_path: Path) -> None:
     path = tmp_path / "o.sqlite"
     with Outbox(path) as ob:
