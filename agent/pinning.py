@@ -176,13 +176,18 @@ def parse_cpu_spec(spec: CpuSpec, allowed: frozenset[int], *, key: str) -> froze
 
 @dataclass(frozen=True)
 class PinningPlan:
-    """Validated pinning: every stage has a CPU set (unset stages inherit ``process_cpus``)."""
+    """Validated pinning: every stage has a CPU set (unset stages inherit ``process_cpus``).
+
+    ``nodes`` is the NUMA topology the plan was checked against (reported by
+    :func:`apply_process_pinning`, not part of :meth:`to_status`).
+    """
 
     allowed_cpus: frozenset[int]
     process_cpus: frozenset[int]
     stage_cpus: Mapping[str, frozenset[int]]
     numa_policy: NumaPolicy
     numa_nodes: frozenset[int]
+    nodes: tuple[NumaNode, ...]
     nice: int | None
     sched_fifo_priority: int
     mlockall: bool
@@ -283,6 +288,7 @@ def _resolve(
         stage_cpus=MappingProxyType(stages),
         numa_policy=cfg.numa_policy,
         numa_nodes=numa_nodes,
+        nodes=nodes,
         nice=cfg.nice,
         sched_fifo_priority=cfg.sched_fifo_priority,
         mlockall=cfg.mlockall,
@@ -510,9 +516,9 @@ def apply_process_pinning(plan: PinningPlan, *, numa_library: str | None = None)
     return PinningReport(
         plan=plan,
         cgroup=cgroup_cpus(),
-        process_cpus=frozenset(os.sched_getaffinity(0)),
+        process_cpus=plan.process_cpus,  # _pin_all_threads checked the kernel's read-back
         threads_pinned=pinned,
-        numa_nodes=read_nodes(),
+        numa_nodes=plan.nodes,
         numa=numa,
         nice=os.getpriority(os.PRIO_PROCESS, 0),
         sched_policy=_SCHED_NAMES.get(policy, f"policy{policy}"),

@@ -73,6 +73,7 @@ from pipelines.feed import ResultTee
 
 if TYPE_CHECKING:
     from agent.mqtt_config import MqttConfig
+    from agent.pinning import PinningPlan
     from agent.reporting.local_broker import LocalBroker
     from agent.reporting.mqtt_runtime import MqttRuntime
 
@@ -194,8 +195,7 @@ class Agent:
         self._started_at = time.time()
         self._undo: list[tuple[str, Callable[[], None], float]] = []
         self._pinning_status: dict[str, Any] | None = None
-        self._process_cpus: frozenset[int] = frozenset()
-        self._stage_cpus: dict[str, frozenset[int]] = {}
+        self._pinning_plan: PinningPlan | None = None
         self._state_dir: Path | None = None
         self._sink: FanoutSink | None = None
         self.mqtt: MqttRuntime | None = None
@@ -313,8 +313,7 @@ class Agent:
 
         plan = plan_pinning(self.config.pinning)
         report = apply_process_pinning(plan)
-        self._process_cpus = frozenset(plan.process_cpus)
-        self._stage_cpus = {k: frozenset(v) for k, v in plan.stage_cpus.items()}
+        self._pinning_plan = plan
         self._pinning_status = report.to_status()
         for warning in report.warnings:
             _log.warning("pinning: %s", warning)
@@ -497,6 +496,8 @@ class Agent:
     def _pipeline_context(self) -> PipelineContext:
         if self._sink is None:
             raise StartupError("pipelines built before reporting — a bug")
+        if self._pinning_plan is None:
+            raise StartupError("pipelines built before pinning — a bug")
         if self._results is None:
             self._results = ResultTee(self._sink)
         return PipelineContext(
@@ -504,8 +505,8 @@ class Agent:
             heartbeats=self.watchdog,
             resolve_model=self._resolve_model,
             resolve_data=self._resolve_data,
-            process_cpus=self._process_cpus,
-            stage_cpus=self._stage_cpus,
+            process_cpus=self._pinning_plan.process_cpus,
+            stage_cpus=self._pinning_plan.stage_cpus,
             results=self._results,
         )
 
