@@ -238,10 +238,8 @@ class Outbox:
         """Store one message, committed before returning (staged messages are committed first,
         in the same transaction, so ids keep publish order); its row id, or None when a
         droppable message did not fit."""
+        item = self._item(topic, payload, priority, qos, retain, expires_at, correlation)
         size = len(payload)
-        if size > self.limits.max_message_bytes:
-            self._item(topic, payload, priority, qos, retain, expires_at, correlation)  # raises
-        created = self._clock()
         with self._lock:
             self._check_open()
             limits = self.limits
@@ -252,41 +250,20 @@ class Outbox:
                     or self._bytes + size > limits.max_bytes
                 )
             if slow:
-                item = _Item(
-                    topic, payload, priority, qos, retain, expires_at, correlation, created
-                )
                 return self._store([item])[-1]
             # fast path (nothing staged, nothing to evict): one INSERT, its own transaction;
             # only the connection lock is held meanwhile (writers are serialised by it)
-            row_id = self._next_id
             try:
-                self._db.execute(
-                    _INSERT,
-                    (
-                        row_id,
-                        topic,
-                        payload,
-                        qos,
-                        int(retain),
-                        int(priority),
-                        created,
-                        expires_at,
-                        correlation,
-                    ),
-                )
+                message = self._insert(item)
             except sqlite3.Error as exc:
                 raise OutboxStoreError(
                     f"MQTT outbox {self.path} cannot store messages: {exc} — is the disk full?"
                 ) from exc
-            self._next_id = row_id + 1
-            message = OutboxMessage(
-                row_id, topic, payload, qos, retain, priority, created, expires_at, correlation, 0
-            )
             with self._index:
-                self._rows[priority][row_id] = size
+                self._rows[priority][message.id] = size
                 self._bytes += size
                 self._recent.append(message)
-            return row_id
+            return message.id
 
     def stage(
         self,
@@ -380,39 +357,11 @@ class Outbox:
                     for row_id in evict:
                         self._forget(row_id)
                     self.dropped += len(evict)
-                new_id = self._next_id
-                self._db.execute(
-                    _INSERT,
-                    (
-                        new_id,
-                        it.topic,
-                        it.payload,
-                        it.qos,
-                        int(it.retain),
-                        int(it.priority),
-                        it.created_at,
-                        it.expires_at,
-                        it.correlation,
-                    ),
-                )
-                self._next_id += 1
-                self._rows[it.priority][new_id] = size
+                message = self._insert(it)
+                self._rows[it.priority][message.id] = size
                 self._bytes += size
-                results.append(new_id)
-                fresh.append(
-                    OutboxMessage(
-                        new_id,
-                        it.topic,
-                        it.payload,
-                        it.qos,
-                        it.retain,
-                        it.priority,
-                        it.created_at,
-                        it.expires_at,
-                        it.correlation,
-                        0,
-                    )
-                )
+                results.append(message.id)
+                fresh.append(message)
             if not single:
                 self._db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -425,6 +374,37 @@ class Outbox:
         if refused is not None:
             raise refused
         return results
+
+    def _insert(self, item: _Item) -> OutboxMessage:
+        """INSERT ``item`` under the next row id (``_lock`` held); raises sqlite3.Error."""
+        row_id = self._next_id
+        self._db.execute(
+            _INSERT,
+            (
+                row_id,
+                item.topic,
+                item.payload,
+                item.qos,
+                int(item.retain),
+                int(item.priority),
+                item.created_at,
+                item.expires_at,
+                item.correlation,
+            ),
+        )
+        self._next_id = row_id + 1
+        return OutboxMessage(
+            row_id,
+            item.topic,
+            item.payload,
+            item.qos,
+            item.retain,
+            item.priority,
+            item.created_at,
+            item.expires_at,
+            item.correlation,
+            0,
+        )
 
     def _plan_eviction(self, size: int) -> list[int] | None:
         """Oldest droppable rows to evict so ``size`` more bytes fit; None if nothing can."""
