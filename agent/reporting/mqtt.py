@@ -73,7 +73,7 @@ from agent.reporting.messages import (
 )
 from agent.reporting.outbox import Outbox, OutboxMessage
 from agent.reporting.telemetry import SystemSampler
-from agent.reporting.topics import Priority, Topics, priority_of, validate_relative
+from agent.reporting.topics import Priority, Topics, classify, validate_relative
 from pipelines.errors import SinkError
 
 __all__ = [
@@ -474,7 +474,7 @@ class MqttReporter:
     def _route(self, relative: str) -> tuple[str, Priority, str]:
         """Absolute topic, priority class and expiry kind of a relative topic (validated once,
         then cached; pipelines publish on a handful of topics)."""
-        route = (self.topics.abs(relative), priority_of(relative), _expiry_kind(relative))
+        route = (self.topics.abs(relative), *classify(relative))
         if len(self._routes) < 1024:
             self._routes[relative] = route
         return route
@@ -1077,15 +1077,6 @@ class _FrozenProperties(Properties):
         if self._packed is None:
             object.__setattr__(self, "_packed", bytes(super().pack()))  # type: ignore[no-untyped-call]
         return self._packed  # type: ignore[return-value]
-
-
-def _expiry_kind(kind: str) -> str:
-    levels = kind.split("/")
-    if len(levels) == 3 and levels[0] == "vision":
-        return "detections"
-    if len(levels) == 3 and levels[0] == "llm":
-        return "llm_stream"
-    return kind
 
 
 def _code_name(code: int) -> str:

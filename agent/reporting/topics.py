@@ -29,6 +29,7 @@ __all__ = [
     "INVALID_REPLY_LEVEL",
     "Priority",
     "Topics",
+    "classify",
     "priority_of",
     "validate_relative",
 ]
@@ -75,17 +76,25 @@ def validate_relative(topic: str) -> str:
     return topic
 
 
-def priority_of(relative: str) -> Priority:
-    """The outbox priority class of a relative topic (detections, telemetry and LLM stream
-    chunks are droppable; replies, events, status and LLM results are critical)."""
+def classify(relative: str) -> tuple[Priority, str]:
+    """The outbox priority class and the expiry kind (a key of the reporter's ``expiry_s``) of
+    a relative topic: detections, telemetry and LLM stream chunks are droppable; replies,
+    events, status and LLM results are critical. ``vision/*/*`` has the expiry kind
+    ``detections``, ``llm/*/*`` ``llm_stream``, any other topic its own name (only droppable
+    messages expire, so a critical topic's kind is never looked up)."""
     levels = relative.split("/")
-    if relative == "telemetry":
-        return Priority.DROPPABLE
-    if len(levels) == 3 and levels[0] == "vision" and levels[2] == "detections":
-        return Priority.DROPPABLE
-    if len(levels) == 3 and levels[0] == "llm" and levels[2] == "stream":
-        return Priority.DROPPABLE
-    return Priority.CRITICAL
+    if len(levels) == 3 and levels[0] == "vision":
+        droppable, kind = levels[2] == "detections", "detections"
+    elif len(levels) == 3 and levels[0] == "llm":
+        droppable, kind = levels[2] == "stream", "llm_stream"
+    else:
+        droppable, kind = relative == "telemetry", relative
+    return (Priority.DROPPABLE if droppable else Priority.CRITICAL), kind
+
+
+def priority_of(relative: str) -> Priority:
+    """The outbox priority class of a relative topic (see ``classify``)."""
+    return classify(relative)[0]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from agent.errors import CredentialError, TopicInvalidError
 from agent.mqtt_config import MqttConfig
 from agent.reporting.mqtt_runtime import settings_from_config
 from agent.reporting.telemetry import SystemSampler, read_thermal_zones, read_throttling
-from agent.reporting.topics import Priority, Topics, priority_of, validate_relative
+from agent.reporting.topics import Priority, Topics, classify, priority_of, validate_relative
 
 
 def test_topics_for_a_device() -> None:
@@ -50,6 +50,17 @@ def test_priority_classes() -> None:
     assert priority_of("llm/r/stream") is Priority.DROPPABLE
     for critical in ("vision/a/events", "llm/r/result", "events", "reply/x", "status"):
         assert priority_of(critical) is Priority.CRITICAL
+
+
+def test_classify_gives_priority_and_expiry_kind() -> None:
+    assert classify("vision/a/detections") == (Priority.DROPPABLE, "detections")
+    assert classify("vision/a/events") == (Priority.CRITICAL, "detections")
+    assert classify("llm/r/stream") == (Priority.DROPPABLE, "llm_stream")
+    assert classify("llm/r/result") == (Priority.CRITICAL, "llm_stream")
+    assert classify("telemetry") == (Priority.DROPPABLE, "telemetry")
+    assert classify("events") == (Priority.CRITICAL, "events")
+    assert classify("vision/a") == (Priority.CRITICAL, "vision/a")
+    assert classify("vision/a/b/detections") == (Priority.CRITICAL, "vision/a/b/detections")
 
 
 def test_response_topics_are_honoured_only_under_the_device_reply_tree() -> None:
