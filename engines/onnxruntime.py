@@ -38,7 +38,14 @@ from engines.errors import (
     ProviderError,
 )
 from engines.onnxruntime_config import OnnxRuntimeConfig
-from engines.slots import SlotRing, check_array, check_model_file, check_open, find_input
+from engines.slots import (
+    SlotRing,
+    check_array,
+    check_model_file,
+    check_open,
+    find_input,
+    shape_text,
+)
 
 __all__ = ["OnnxRuntimeEngine", "intra_op_affinities"]
 
@@ -253,7 +260,7 @@ class OnnxRuntimeEngine(TensorEngine):
                 return current
             if spec.is_dynamic:
                 msg = (
-                    f"input {name!r} of {self._path} has dynamic dims {_dims(spec.shape)}: "
+                    f"input {name!r} of {self._path} has dynamic dims {shape_text(spec.shape)}: "
                     "pass shape= to input_buffer"
                 )
                 raise InputSpecError(msg)
@@ -360,8 +367,8 @@ class OnnxRuntimeEngine(TensorEngine):
                     break
         if not fits:
             msg = (
-                f"input {spec.name!r} of {self._path} got shape {_dims(shape)}, the model wants "
-                f"{_dims(spec.shape)} (-1 = any size): resize in preprocessing"
+                f"input {spec.name!r} of {self._path} got shape {shape_text(shape)}, the model "
+                f"wants {shape_text(spec.shape)} (-1 = any size): resize in preprocessing"
             )
             raise InputSpecError(msg)
 
@@ -379,11 +386,8 @@ class OnnxRuntimeEngine(TensorEngine):
     def _stage(self, slot: _Slot, inputs: Mapping[str, npt.NDArray[Any]] | None) -> None:
         """Validate the inputs and bind them to ``slot`` (zero-copy where possible)."""
         given = inputs or {}
-        unknown = [name for name in given if name not in self._input_index]
-        if unknown:
-            known = ", ".join(repr(s.name) for s in self._inputs)
-            msg = f"{self._path} has no input {unknown[0]!r}: its inputs are {known}"
-            raise InputSpecError(msg)
+        for name in given:
+            find_input(self._input_index, name, self._path)
         shapes: list[tuple[int, ...]] = []
         for spec in self._inputs:
             array = given.get(spec.name)
@@ -490,7 +494,3 @@ class OnnxRuntimeEngine(TensorEngine):
                 slot.error = exc
             finally:
                 slot.done.set()
-
-
-def _dims(shape: tuple[int, ...]) -> str:
-    return "[" + ",".join(str(d) for d in shape) + "]"

@@ -33,6 +33,7 @@ __all__ = [
     "check_open",
     "file_sha256",
     "find_input",
+    "shape_text",
 ]
 
 
@@ -146,11 +147,10 @@ def find_input(
     return spec
 
 
-def check_array(
-    array: object, spec: TensorSpec, path: Path, *, prefix: str = "", owner: str = "model"
-) -> None:
+def check_array(array: object, spec: TensorSpec, path: Path, *, prefix: str = "") -> None:
     """``InputSpecError`` unless ``array`` is a NumPy array of ``spec``'s dtype; the message
-    names the model as ``{prefix}{path}`` and says what ``owner`` ("model"/"plan") wants."""
+    names the model as ``{prefix}{path}`` and says what the plan (``prefix="plan "``) or the
+    model wants."""
     if not isinstance(array, np.ndarray):
         msg = (
             f"input {spec.name!r} of {prefix}{path} must be a numpy array, got "
@@ -158,11 +158,17 @@ def check_array(
         )
         raise InputSpecError(msg)
     if array.dtype != spec.dtype:
+        owner = "plan" if prefix == "plan " else "model"
         msg = (
             f"input {spec.name!r} of {prefix}{path} has dtype {array.dtype}, the {owner} wants "
             f"{spec.dtype}: convert in preprocessing (or write into input_buffer)"
         )
         raise InputSpecError(msg)
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    """``(1, 3, 416, 416)`` -> ``"[1,3,416,416]"``, the way engine messages write shapes."""
+    return "[" + ",".join(str(d) for d in shape) + "]"
 
 
 def file_sha256(path: Path, *, chunk: int = 1 << 20) -> str:

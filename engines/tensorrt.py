@@ -61,6 +61,7 @@ from engines.slots import (
     check_open,
     file_sha256,
     find_input,
+    shape_text,
 )
 from engines.tensorrt_config import TensorRTConfig
 
@@ -434,8 +435,8 @@ class TensorRTEngine(TensorEngine):
         if profile is None:
             if shape != spec.shape:
                 msg = (
-                    f"input {spec.name!r} of plan {self._path} got shape {_text(shape)}, the "
-                    f"plan is fixed at {_text(spec.shape)}: resize in preprocessing"
+                    f"input {spec.name!r} of plan {self._path} got shape {shape_text(shape)}, the "
+                    f"plan is fixed at {shape_text(spec.shape)}: resize in preprocessing"
                 )
                 raise InputSpecError(msg)
             return
@@ -448,16 +449,16 @@ class TensorRTEngine(TensorEngine):
                     break
         if not fits:
             msg = (
-                f"input {spec.name!r} of plan {self._path} got shape {_text(shape)}, outside the "
-                f"optimisation profile {_text(low)}..{_text(high)}: resize the input or rebuild "
-                "the plan with a wider --batch range"
+                f"input {spec.name!r} of plan {self._path} got shape {shape_text(shape)}, outside "
+                f"the optimisation profile {shape_text(low)}..{shape_text(high)}: resize the input "
+                "or rebuild the plan with a wider --batch range"
             )
             raise InputSpecError(msg)
 
     def _stage(self, slot: _Slot, inputs: Mapping[str, npt.NDArray[Any]]) -> None:
         for name, array in inputs.items():
             spec = find_input(self._input_index, name, self._path, prefix="plan ")
-            check_array(array, spec, self._path, prefix="plan ", owner="plan")
+            check_array(array, spec, self._path, prefix="plan ")
             shape = tuple(array.shape)
             self._check_profile(spec, shape)
             view = slot.bindings[name].view(shape)
@@ -468,7 +469,7 @@ class TensorRTEngine(TensorEngine):
     def _set_shape(self, slot: _Slot, name: str, shape: tuple[int, ...]) -> None:
         if not slot.context.set_input_shape(name, shape):
             msg = (
-                f"TensorRT rejected shape {_text(shape)} for input {name!r} of {self._path} "
+                f"TensorRT rejected shape {shape_text(shape)} for input {name!r} of {self._path} "
                 f"({self._logger.last_error()}): stay inside the optimisation profile"
             )
             raise InputSpecError(msg)
@@ -479,7 +480,7 @@ class TensorRTEngine(TensorEngine):
         if any(d < 0 for d in shape):
             msg = (
                 f"output {name!r} of plan {self._path} has a data-dependent shape "
-                f"{_text(shape)}, which this engine does not support: export the model with "
+                f"{shape_text(shape)}, which this engine does not support: export the model with "
                 "output shapes that follow from the input shapes"
             )
             raise ModelLoadError(msg)
@@ -542,10 +543,6 @@ class TensorRTEngine(TensorEngine):
 
 def _dims(dims: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
-
-
-def _text(shape: tuple[int, ...]) -> str:
-    return "[" + ",".join(str(d) for d in shape) + "]"
 
 
 # -- opening with plan lookup and fallback -------------------------------------------------------
