@@ -171,6 +171,11 @@ class _PipelineSlot:
     last_state: str = "starting"
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def failed(self) -> bool:
+        """Failed to build/start (``error``) or reported failed at run time."""
+        return self.error is not None or self.last_state == "failed"
+
 
 class Agent:
     """The running agent. Not reusable: one ``start()``/``stop()`` cycle per instance."""
@@ -457,17 +462,14 @@ class Agent:
             if self.stop_event.is_set():
                 break
             self._start_one_pipeline(slot)
-        timeout = self.config.stop_timeout_s * max(1, len(self._slots))
-        return self._stop_pipelines, timeout
+        return self._stop_pipelines, self._pipelines_stop_budget_s()
 
     def _start_one_pipeline(self, slot: _PipelineSlot) -> None:
-        from pipelines.factory import build_pipeline  # noqa: PLC0415
-
         name = slot.config.name
         self._notifier.extend_timeout(self.config.load_timeout_s)
         self._notifier.status(f"starting: pipeline {name} (model {slot.config.model})")
         try:
-            pipeline = build_pipeline(slot.config, self._pipeline_context())
+            pipeline = self._build(slot.config)
             slot.pipeline = pipeline
             pipeline.start(self.stop_event)
         except (AgentError, EngineError, PipelineError) as exc:
@@ -557,7 +559,7 @@ class Agent:
     def _become_ready(self) -> None:
         if self.stop_event.is_set():
             return
-        failed = [s for s in self._slots if s.error is not None]
+        failed = self._failed_slots()
         running = len(self._slots) - len(failed)
         if failed:
             detail = ", ".join(
@@ -569,14 +571,21 @@ class Agent:
             self._set_state("ready", f"ready: {running} pipeline(s) running", ready=True)
         self._publish_discovery()
 
+    def _failed_slots(self) -> list[_PipelineSlot]:
+        return [s for s in self._slots if s.failed]
+
     # ------------------------------------------------------------------ stop
+    def _pipelines_stop_budget_s(self) -> float:
+        """Time to stop every pipeline: ``stop_timeout_s`` each (at least one)."""
+        return self.config.stop_timeout_s * max(1, len(self._slots))
+
     def _undo_all(self) -> None:
         while self._undo:
             name, undo, timeout = self._undo.pop()
             run_bounded(name, undo, timeout)
 
     def _stop_pipelines(self) -> None:
-        deadline = time.monotonic() + self.config.stop_timeout_s * max(1, len(self._slots))
+        deadline = time.monotonic() + self._pipelines_stop_budget_s()
         # no control command may start a pipeline any more; wait for a running one to end
         locked = self._control.acquire(timeout=self.config.stop_timeout_s)
         self._control_closed = True
@@ -627,7 +636,7 @@ class Agent:
                     changed = True
         if not changed or self._state not in ("ready", "degraded"):
             return
-        failed = [s.config.name for s in self._slots if s.last_state == "failed"]
+        failed = [s.config.name for s in self._failed_slots()]
         if failed:
             self._set_state("degraded", f"degraded: pipeline(s) failed: {', '.join(failed)}")
         else:
@@ -719,7 +728,7 @@ class Agent:
         with self._lock:
             if self._state not in ("ready", "degraded"):
                 return
-            failed = any(s.error is not None or s.last_state == "failed" for s in self._slots)
+            failed = bool(self._failed_slots())
         self._set_state("degraded" if failed else "ready", text)
 
     def _build(self, config: PipelineConfig) -> Pipeline:
@@ -904,7 +913,7 @@ class Agent:
                         name=slot.config.name,
                         type=slot.config.type,
                         model=slot.config.model,
-                        state="failed" if err is not None else slot.last_state,
+                        state="failed" if slot.failed else slot.last_state,
                         reason=reason_code(err) if err is not None else None,
                         error=str(err) if err is not None else None,
                         status=self._pipeline_status(slot),
