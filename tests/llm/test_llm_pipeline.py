@@ -91,7 +91,8 @@ def test_stream_chunks_reassemble_to_the_result(store: ModelStore) -> None:
     assert usage["prompt_tokens"] == cached + evaluated
     assert timing["ttft_ms"] >= timing["prompt_eval_ms"] > 0
     assert timing["decode_tokens_per_s"] > 0
-    assert timing["publish_overhead_ms"] >= 0
+    # handing >= 2 chunks and the result to the sink takes some time, a sliver of the request's
+    assert 0 < timing["publish_overhead_ms"] < timing["total_ms"]
     assert pipeline.status()["counters"]["completed"] == 1
 
 
