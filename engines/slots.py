@@ -11,7 +11,6 @@ single-threaded caller).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from engines.errors import (
     ModelFileError,
     ModelFormatError,
 )
+from engines.fetch import hash_file
 
 __all__ = [
     "SlotRing",
@@ -171,14 +171,10 @@ def shape_text(shape: tuple[int, ...]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
-def file_sha256(path: Path, *, chunk: int = 1 << 20) -> str:
+def file_sha256(path: Path) -> str:
     """Hex sha256 of a file, read in chunks (``ModelFileError`` when it cannot be read)."""
-    digest = hashlib.sha256()
     try:
-        with path.open("rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
+        return hash_file(path).hexdigest()
     except OSError as exc:
         msg = f"cannot read {path} to hash it ({exc.strerror or exc}): check the path and rights"
         raise ModelFileError(msg) from exc
-    return digest.hexdigest()

@@ -11,7 +11,6 @@ main keys), a video, or unknown.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ from engines.errors import (
     ModelFileError,
     ModelFormatError,
 )
+from engines.fetch import hash_file
 from engines.gguf import FILE_TYPES as GGUF_FILE_TYPES
 from engines.gguf import read_gguf_header
 from engines.store import ModelStore
@@ -349,10 +349,7 @@ def describe_file(path: Path, store: ModelStore | None = None) -> list[str]:
             raise ModelFileError(f"{path} is not a regular file; name a model file")
         with path.open("rb") as f:
             head = f.read(16)
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+        digest = hash_file(path)
     except OSError as exc:
         raise ModelFileError(f"cannot read {path}: {exc.strerror}") from exc
     sha = digest.hexdigest()
