@@ -63,6 +63,7 @@ __all__ = [
     "KvState",
     "LlamaEngine",
     "Sampling",
+    "common_prefix",
     "load_llama_runtime",
     "open_llama",
 ]
@@ -156,6 +157,17 @@ class _AbortFlag:
 
     def is_set(self) -> bool:
         return self.buffer[0] != b"\x00"
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
+    """How many leading tokens ``a`` and ``b`` share (at most ``limit`` when given)."""
+    n = min(len(a), len(b))
+    if limit is not None:
+        n = min(n, limit)
+    i = 0
+    while i < n and int(a[i]) == int(b[i]):
+        i += 1
+    return i
 
 
 class LlamaEngine:
@@ -311,11 +323,7 @@ class LlamaEngine:
                 "raise engine.n_ctx"
             )
         started = time.perf_counter()
-        cached = llama.input_ids[: llama.n_tokens]
-        reused = 0
-        limit = min(len(cached), total - 1)
-        while reused < limit and int(cached[reused]) == tokens[reused]:
-            reused += 1
+        reused = common_prefix(llama.input_ids[: llama.n_tokens], tokens, limit=total - 1)
         llama.n_tokens = reused  # Llama.eval drops the cache cells from here on
         done = reused
         step = self.config.n_batch

@@ -53,12 +53,12 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from engines.errors import EngineError, InferenceAbortedError, InputSpecError
-from engines.llama import ChatPrompt, KvState, LlamaEngine, Sampling
+from engines.llama import ChatPrompt, KvState, LlamaEngine, Sampling, common_prefix
 from pipelines.base import Heartbeats, PipelineContext, ResolvedModel
 from pipelines.errors import PipelineBusyError, PipelineError, PipelineStateError
 from pipelines.llm.cache import KvLru, Session, SessionStore
@@ -578,11 +578,11 @@ class LlmPipeline:
 
     def _evaluate(self, run: _Run, beat: Callable[[], None]) -> None:
         engine, job, tokens = self._engine, run.job, run.tokens
-        best = _common(engine.cached_tokens, tokens)
+        best = common_prefix(engine.cached_tokens, tokens)
         source = "context"
         state: KvState | None = None
         if run.session is not None and run.session.state is not None:
-            n = _common(run.session.state.tokens, tokens)
+            n = common_prefix(run.session.state.tokens, tokens)
             if n > best:
                 best, source, state = n, "session", run.session.state
         if run.prefix is not None and best < len(run.prefix):
@@ -820,14 +820,6 @@ class _Run:
 def _end_of(job: _Job) -> Status | None:
     """``job.end`` read afresh (cancel and the monitor set it from other threads)."""
     return job.end
-
-
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _trim(messages: list[dict[str, str]], limit: int) -> list[dict[str, str]]:
