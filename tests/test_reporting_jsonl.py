@@ -11,6 +11,7 @@ import pytest
 from agent.config import JsonlReporterConfig, ReportingConfig
 from agent.errors import ReportingError
 from agent.reporting import FanoutSink, JsonlSink, open_reporting
+from agent.reporting.jsonutil import compact_json
 from pipelines.base import ResultSink
 from pipelines.errors import SinkError
 
@@ -122,3 +123,13 @@ def test_fanout_keeps_going_when_one_sink_fails(tmp_path: Path) -> None:
     alive.close()
     with pytest.raises(SinkError, match="every reporter failed"):
         fan.publish("t", {"n": 2})
+
+
+def test_compact_json_has_no_spaces_keeps_utf8_and_refuses_nan() -> None:
+    assert (
+        compact_json({"a": "Straße €", "b": [1, 2.5, None]}) == '{"a":"Straße €","b":[1,2.5,null]}'
+    )
+    with pytest.raises(ValueError, match="JSON compliant"):
+        compact_json({"x": float("nan")})
+    with pytest.raises(TypeError):
+        compact_json({"x": {1, 2}})

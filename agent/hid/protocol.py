@@ -488,6 +488,9 @@ def decode_text(payload: bytes) -> tuple[str, str]:
 
 
 def _dumps(obj: Mapping[str, Any]) -> bytes:
+    # The same compact JSON as agent.reporting.jsonutil.compact_json, written out here:
+    # importing agent.reporting from this module closes an import cycle
+    # (agent.reporting -> agent.config -> agent.hid_config -> agent.hid.protocol).
     try:
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
             "utf-8"

@@ -7,7 +7,6 @@ lock and flushed per line, so concurrent pipelines never interleave partial line
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import threading
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.errors import ReportingError
+from agent.reporting.jsonutil import compact_json
 from pipelines.errors import SinkError
 
 __all__ = ["JsonlSink"]
@@ -51,12 +51,7 @@ class JsonlSink:
 
     def publish(self, topic: str, message: Mapping[str, Any]) -> None:
         try:
-            line = json.dumps(
-                {"topic": topic, "ts": round(self._clock(), 6), **message},
-                separators=(",", ":"),
-                ensure_ascii=False,
-                allow_nan=False,
-            )
+            line = compact_json({"topic": topic, "ts": round(self._clock(), 6), **message})
         except (TypeError, ValueError) as exc:
             raise SinkError(
                 f"message on {topic!r} is not JSON-serialisable: {exc} — publish plain "

@@ -37,7 +37,6 @@ ACL-denied messages as if delivered); only MQTT 5 detects it.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 import select
@@ -60,6 +59,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.commands.inbound import InboundCommand, ReplyBody
 from agent.errors import ReportingError
+from agent.reporting.jsonutil import compact_json
 from agent.reporting.messages import (
     AuditEvent,
     AuditRecord,
@@ -271,7 +271,7 @@ class MqttReporter:
                 route = self._route(topic)
 
             def body(stamp: Stamp) -> bytes:
-                return _dumps({**stamp.fields(), **message})
+                return compact_json({**stamp.fields(), **message}).encode()
 
             self._enqueue(route[0], body, route[1], route[2])
         except ReportingError as exc:
@@ -1092,7 +1092,3 @@ def _code_name(code: int) -> str:
         0x97: "quota exceeded",
     }
     return f"0x{code:02x} {names.get(code, 'reason code')}"
-
-
-def _dumps(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
