@@ -65,6 +65,7 @@ from agent.health import Watchdog, watchdog_interval_s
 from agent.notify import Notifier
 from agent.reporting import FanoutSink, open_reporting
 from engines.errors import EngineError
+from engines.fetch import atomic_write_bytes
 from engines.store import DATA_PATH_ENV, ModelStore
 from pipelines.base import Pipeline, PipelineContext, ResolvedModel
 from pipelines.config import PipelineConfig
@@ -969,17 +970,10 @@ class Agent:
             return
         target = self._state_dir / _STATUS_FILE
         text = json.dumps(snapshot, indent=2, sort_keys=True) + "\n"
-        tmp: Path | None = None
         try:
-            fd, name = tempfile.mkstemp(dir=self._state_dir, prefix=".status-", suffix=".json")
-            tmp = Path(name)
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                out.write(text)
-            tmp.replace(target)
-        except OSError as exc:
+            atomic_write_bytes(target, text.encode("utf-8"), prefix=".status-")
+        except OSError as exc:  # the temporary file is already removed
             _log.warning("could not write %s: %s", target, exc)
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
 
 
 def _with_settings(config: PipelineConfig, changes: Mapping[str, Any]) -> PipelineConfig:

@@ -3,7 +3,8 @@
 Everything here writes into a *partial* file chosen by the caller (the model store keeps them in
 ``<store>/.partial/``) and never into the final place; :func:`atomic_replace` moves a checked
 file into place (fsync, ``os.replace``, fsync of the folder), so a kill at any moment leaves
-either the old state or the new file, never half a file.
+either the old state or the new file, never half a file; :func:`atomic_write_bytes` does the same
+for bytes held in memory (plans, caches, the agent's status file).
 
 - :func:`http_download` appends to a partial file, resuming with an HTTP ``Range`` request, and
   refuses to write more than the expected size (a server that sends more is rejected).
@@ -29,6 +30,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,9 +48,11 @@ __all__ = [
     "ProgressFn",
     "WheelFile",
     "atomic_replace",
+    "atomic_write_bytes",
     "exclusive_lock",
     "extract_member",
     "fetch_wheel",
+    "fsync_dir",
     "hash_file",
     "http_download",
     "pypi_wheel",
@@ -132,6 +136,30 @@ def atomic_replace(partial: Path, final: Path) -> None:
         os.fsync(f.fileno())
     partial.replace(final)
     fsync_dir(final.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, prefix: str | None = None) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one.
+
+    The data goes to a temporary file in the same folder (``prefix``, default ``.<name>.``,
+    suffix ``.tmp``; removed on failure), fsynced, renamed over ``path``, then the folder is
+    fsynced.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}." if prefix is None else prefix, suffix=".tmp", dir=path.parent
+    )
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 @contextlib.contextmanager

@@ -14,9 +14,7 @@ At load the engine compares the sidecar with the running TensorRT and GPU
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -25,6 +23,7 @@ from pydantic import Field, ValidationError
 
 from engines.configbase import StrictModel
 from engines.errors import ModelFileError, ModelFormatError
+from engines.fetch import atomic_write_bytes  # re-exported: existing imports use engines.plans
 
 __all__ = [
     "DEVICE_TREE_COMPATIBLE",
@@ -185,27 +184,6 @@ def compatibility_problems(
     if meta.soc != device.soc:
         problems.append(f"built on SoC {meta.soc}, this device is {device.soc}")
     return problems
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class PlanStore:
