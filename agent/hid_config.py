@@ -29,7 +29,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
-from agent.hid.filters import check_filter, topic_matches
+from agent.hid.filters import check_filter
 from agent.hid.keyboard import check_template
 from agent.hid.protocol import MAX_MESSAGE_BYTES
 from engines.configbase import StrictModel
@@ -39,7 +39,6 @@ __all__ = [
     "HidGadgetConfig",
     "HidHostConfig",
     "HidKeyboardConfig",
-    "topic_matches",
 ]
 
 
