@@ -103,7 +103,6 @@ def _one_line(exc: BaseException) -> str:
 class _Slot:
     """One buffer set: inputs, outputs and the IOBinding that points ORT at them."""
 
-    index: int
     binding: Any
     inputs: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
     bound: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
@@ -155,9 +154,7 @@ class OnnxRuntimeEngine(TensorEngine):
         self._input_index = {spec.name: spec for spec in self._inputs}
         self._run_options = ort.RunOptions()
         self._ring = SlotRing(config.slots)
-        self._slots = [
-            _Slot(index=index, binding=self._session.io_binding()) for index in range(config.slots)
-        ]
+        self._slots = [_Slot(binding=self._session.io_binding()) for _ in range(config.slots)]
         self._warmed: set[tuple[tuple[int, ...], ...]] = set()
         if all(not spec.is_dynamic for spec in self._inputs):
             self._warm_up(self._slots[0])
@@ -253,7 +250,7 @@ class OnnxRuntimeEngine(TensorEngine):
     def input_buffer(self, name: str, shape: tuple[int, ...] | None = None) -> npt.NDArray[Any]:
         check_open(self._closed, self._path)
         spec = find_input(self._input_index, name, self._path)
-        slot = self._slots[self._ring.next_slot]
+        slot = self._slots[self._ring.require_free()]
         if shape is None:
             current = slot.inputs.get(name)
             if current is not None:
@@ -304,7 +301,7 @@ class OnnxRuntimeEngine(TensorEngine):
         with self._lock:
             check_open(self._closed, self._path)
             if self._ring.in_flight == 0:
-                slot = self._slots[self._ring.next_slot]
+                slot = self._slots[self._ring.require_free()]
                 self._stage(slot, inputs)
                 self._maybe_warm(slot)
                 try:

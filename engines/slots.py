@@ -57,13 +57,9 @@ class SlotRing:
     def in_flight(self) -> int:
         return len(self._outstanding)
 
-    @property
-    def next_slot(self) -> int:
-        """The slot the next ``submit`` (and ``input_buffer``) uses; see :meth:`require_free`."""
-        return self.require_free()
-
     def require_free(self) -> int:
-        """The first free slot from the cursor on, or ``InferenceError`` when all are taken."""
+        """The first free slot from the cursor on (the one the next ``submit`` and
+        ``input_buffer`` use), or ``InferenceError`` when all are taken."""
         for step in range(self._count):
             slot = (self._cursor + step) % self._count
             if slot not in self._outstanding:

@@ -123,9 +123,6 @@ def make_trt_logger(trt: Any) -> Any:
 class _Binding:
     """One I/O tensor of one slot: host memory, device address, shaped views."""
 
-    name: str
-    is_input: bool
-    dtype: np.dtype[Any]
     host: npt.NDArray[Any]
     device: Any
     address: int
@@ -142,7 +139,6 @@ class _Binding:
 
 @dataclass
 class _Slot:
-    index: int
     context: Any
     stream: Any
     stream_handle: int
@@ -254,7 +250,6 @@ class TensorRTEngine(TensorEngine):
             raise ModelLoadError(msg)
         stream = cuda.Stream()
         slot = _Slot(
-            index=index,
             context=context,
             stream=stream,
             stream_handle=int(stream.handle),
@@ -272,9 +267,8 @@ class TensorRTEngine(TensorEngine):
                 self._set_shape(slot, spec.name, profile[2])
         for spec in self._outputs:
             capacity[spec.name] = self._context_shape(slot, spec.name)
-        specs = [(spec, True) for spec in self._inputs] + [(s, False) for s in self._outputs]
-        for spec, is_input in specs:
-            binding = self._allocate(spec, capacity[spec.name], is_input=is_input)
+        for spec in (*self._inputs, *self._outputs):
+            binding = self._allocate(spec, capacity[spec.name])
             slot.bindings[spec.name] = binding
             if not context.set_tensor_address(spec.name, binding.address):
                 msg = (
@@ -288,7 +282,7 @@ class TensorRTEngine(TensorEngine):
         self._apply_shapes(slot)
         return slot
 
-    def _allocate(self, spec: TensorSpec, shape: tuple[int, ...], *, is_input: bool) -> _Binding:
+    def _allocate(self, spec: TensorSpec, shape: tuple[int, ...]) -> _Binding:
         cuda = self._cuda
         volume = max(1, int(np.prod(shape, dtype=np.int64)))
         mode = self._config.memory
@@ -313,14 +307,7 @@ class TensorRTEngine(TensorEngine):
                 f"{spec.name!r} of {self._path} ({exc}): lower `slots` or free GPU memory"
             )
             raise ModelLoadError(msg) from exc
-        return _Binding(
-            name=spec.name,
-            is_input=is_input,
-            dtype=spec.dtype,
-            host=host,
-            device=device,
-            address=address,
-        )
+        return _Binding(host=host, device=device, address=address)
 
     # -- interface ---------------------------------------------------------------------------
 
@@ -335,7 +322,7 @@ class TensorRTEngine(TensorEngine):
     def input_buffer(self, name: str, shape: tuple[int, ...] | None = None) -> npt.NDArray[Any]:
         check_open(self._closed, self._path)
         spec = find_input(self._input_index, name, self._path, prefix="plan ")
-        slot = self._slots[self._ring.next_slot]
+        slot = self._slots[self._ring.require_free()]
         if shape is None:
             shape = slot.shapes[name]
         shape = tuple(shape)
