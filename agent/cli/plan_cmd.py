@@ -13,16 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from engines.errors import ManifestError
-from engines.manifest import InputSpec, ModelManifest
+from engines.manifest import InputSpec
 from engines.plans import PlanStore
 from engines.registry import load_tensorrt_runtime
+from engines.store import ModelStore
 from engines.tensorrt import RuntimeLoader
 from engines.tensorrt_build import BuildRequest, build_plan
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["add_build_plan_parser", "parse_batch", "run_build_plan"]
 
@@ -93,10 +89,10 @@ def _input_spec(manifest: Path | None) -> InputSpec | None:
     if manifest is None:
         return None
     try:
-        data = tomllib.loads(manifest.read_text(encoding="utf-8"))
-        parsed = ModelManifest.model_validate(data)
-    except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
-        text = " ".join(str(exc).split())[:200]
+        parsed = ModelStore.load_manifest(manifest)
+    except (ManifestError, ValueError) as exc:  # ValueError: a manifest that is not UTF-8
+        # Name what the library said (load_manifest chains it), as build-plan always has.
+        text = " ".join(str(exc.__cause__ or exc).split())[:200]
         msg = f"cannot use manifest {manifest} ({text}): give a valid model manifest (TOML)"
         raise ManifestError(msg) from exc
     if parsed.input is None:
