@@ -33,6 +33,7 @@ from agent.config import PinningConfig
 from agent.errors import PinningError
 from agent.numa import NumaNode, mems_allowed, read_nodes
 from agent.pinning import CgroupCpus, allowed_cpus, cgroup_cpus, plan_pinning
+from agent.sysfs import kb_values
 from engines.affinity import format_cpulist, parse_cpulist
 
 __all__ = [
@@ -241,12 +242,7 @@ def _online_cpus(root: Path) -> frozenset[int] | None:
 
 
 def _memory(root: Path) -> MemoryInfo:
-    values: dict[str, int] = {}
-    for line in (_read_text(root / "proc/meminfo") or "").splitlines():
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            values[key.strip()] = int(parts[0])
+    values = kb_values(_read_text(root / "proc/meminfo") or "")
     return MemoryInfo(values.get("MemTotal"), values.get("MemAvailable"))
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from agent.errors import NumaUnavailableError, PinningError
+from agent.sysfs import kb_values, proc_status_field
 from engines.affinity import format_cpulist, parse_cpulist
 
 __all__ = [
@@ -49,7 +50,6 @@ DEFAULT_LIBRARY = "libnuma.so.1"
 
 _NODE_DIR = Path("sys/devices/system/node")
 _NODE_NAME = re.compile(r"^node(\d+)$")
-_MEMTOTAL = re.compile(r"MemTotal:\s+(\d+)\s*kB")
 
 # Kernel MPOL_* modes (include/uapi/linux/mempolicy.h), as get_mempolicy returns them.
 _MODE_NAMES = {
@@ -143,24 +143,18 @@ def _node_memory_kb(path: Path) -> int | None:
         text = path.read_text(encoding="ascii", errors="replace")
     except OSError:
         return None
-    match = _MEMTOTAL.search(text)
-    return int(match.group(1)) if match else None
+    return kb_values(text).get("MemTotal")
 
 
 def mems_allowed(root: Path = Path("/")) -> frozenset[int] | None:
     """Memory nodes the cpuset allows (``Mems_allowed_list`` of ``/proc/self/status``)."""
-    try:
-        text = (root / "proc/self/status").read_text(encoding="ascii", errors="replace")
-    except OSError:
+    value = proc_status_field("Mems_allowed_list", root)
+    if value is None:
         return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key == "Mems_allowed_list":
-            try:
-                return parse_cpulist(value)
-            except ValueError:
-                return None
-    return None
+    try:
+        return parse_cpulist(value)
+    except ValueError:
+        return None
 
 
 def nodes_of_cpus(nodes: tuple[NumaNode, ...], cpus: frozenset[int]) -> frozenset[int]:

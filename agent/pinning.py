@@ -41,6 +41,7 @@ from agent.numa import (
     nodes_of_cpus,
     read_nodes,
 )
+from agent.sysfs import kb_value, proc_status_field
 from engines.affinity import MAX_CPU, format_cpulist, parse_cpulist, thread_count
 
 __all__ = [
@@ -483,14 +484,8 @@ def _mlockall(warnings: list[str]) -> bool:
 
 
 def _locked_kb() -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("VmLck:"):
-            return int(line.split()[1])
-    return None
+    value = proc_status_field("VmLck")
+    return None if value is None else kb_value(value)
 
 
 def apply_process_pinning(plan: PinningPlan, *, numa_library: str | None = None) -> PinningReport:
