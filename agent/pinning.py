@@ -42,7 +42,13 @@ from agent.numa import (
     read_nodes,
 )
 from agent.sysfs import kb_value, proc_status_field
-from engines.affinity import MAX_CPU, format_cpulist, parse_cpulist, thread_count
+from engines.affinity import (
+    MAX_CPU,
+    current_thread_cpus,
+    format_cpulist,
+    parse_cpulist,
+    thread_count,
+)
 
 __all__ = [
     "STAGES",
@@ -84,7 +90,7 @@ def allowed_cpus() -> frozenset[int]:
 
     Call it from the main thread before any pinning: a pinned thread sees only its own set.
     """
-    return frozenset(os.sched_getaffinity(0))
+    return current_thread_cpus()
 
 
 @dataclass(frozen=True)
@@ -429,7 +435,7 @@ def _pin_all_threads(cpus: frozenset[int]) -> int:
             f"{exc.strerror or exc}; this process may use CPUs {format_cpulist(allowed_cpus())}"
         )
         raise PinningError(msg, key="pinning.process") from exc
-    readback = frozenset(os.sched_getaffinity(0))
+    readback = current_thread_cpus()
     if readback != cpus:
         msg = (
             f"asked for CPUs {format_cpulist(cpus)} but the kernel gave "

@@ -101,7 +101,7 @@ def pin_current_thread(cpus: frozenset[int]) -> None:
     try:
         os.sched_setaffinity(0, cpus)
     except OSError as exc:
-        allowed = format_cpulist(os.sched_getaffinity(0))
+        allowed = format_cpulist(current_thread_cpus())
         msg = (
             f"cannot pin thread to CPUs {format_cpulist(cpus)}: {exc.strerror or exc}; "
             f"this thread may use CPUs {allowed} (cgroup cpuset / CPUAffinity=)"
