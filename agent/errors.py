@@ -9,7 +9,6 @@
     │   └── NumaUnavailableError  numa_unavailable        libnuma / kernel NUMA missing (a warning)
     ├── StateDirError             state_dir_unusable      state directory missing / not writable
     ├── StartupError              startup_failed          a start step failed (wraps the cause)
-    ├── NotifyError               notify_failed           NOTIFY_SOCKET unusable (not fatal)
     └── ReportingError            reporting_failed        a reporter could not start / publish
         ├── TopicInvalidError     topic_invalid           topic level empty / wildcard / too long
         ├── OutboxFullError       outbox_full             a critical message did not fit the outbox
@@ -47,7 +46,6 @@ __all__ = [
     "HidFrameError",
     "HidPayloadError",
     "MessageTooLargeError",
-    "NotifyError",
     "NumaUnavailableError",
     "OutboxFullError",
     "OutboxStoreError",
@@ -120,10 +118,6 @@ class StateDirError(AgentError):
 
 class StartupError(AgentError):
     reason = "startup_failed"
-
-
-class NotifyError(AgentError):
-    reason = "notify_failed"
 
 
 class ReportingError(AgentError):
