@@ -501,7 +501,7 @@ class LlmPipeline:
     def _run(self, job: _Job, beat: Callable[[], None]) -> None:
         started = time.monotonic()
         timing: dict[str, float] = {"queue_wait_ms": (started - job.submitted) * 1000.0}
-        run = _Run(job=job, started=started, timing=timing)
+        run = _Run(job=job, timing=timing)
         if job.end is not None:  # cancelled or expired between the queue and here
             run.status = job.end
             self._finish(job, self._outcome(job, run))
@@ -678,7 +678,6 @@ class LlmPipeline:
         try:
             self._ctx.sink.publish(stream_topic(job.request_id), message)
         except PipelineError as exc:
-            run.dropped_chunks += 1
             _log.warning("LLM request %s: stream chunk not published: %s", job.request_id, exc)
         if job.on_chunk is not None:
             job.on_chunk(job.request_id, run.chunks, text)
@@ -796,7 +795,6 @@ class LlmPipeline:
 @dataclass
 class _Run:
     job: _Job
-    started: float
     timing: dict[str, float]
     tokens: list[int] = field(default_factory=list)
     prefix: tuple[int, ...] | None = None
@@ -811,14 +809,14 @@ class _Run:
     stop_reason: str | None = None
     steps: int = 0
     chunks: int = 0
-    dropped_chunks: int = 0
     publish_s: float = 0.0
     status: Status = "failed"
     error: dict[str, str] | None = None
 
 
 def _end_of(job: _Job) -> Status | None:
-    """``job.end`` read afresh (cancel and the monitor set it from other threads)."""
+    """``job.end`` read afresh (cancel and the monitor set it from other threads); a call, so
+    that type checkers drop the ``job.end is None`` narrowing from the top of ``_run``."""
     return job.end
 
 
