@@ -40,11 +40,11 @@ __all__ = [
     "ConfigProblem",
     "KeyPath",
     "check_config_file",
-    "embedded_defaults_apply",
     "format_key_path",
     "key_lines",
     "load_config",
     "parse_config_text",
+    "resolve_config_path",
 ]
 
 KeyPath = tuple[str | int, ...]
@@ -97,22 +97,23 @@ def load_config(path: Path | None, *, default_path: Path | None = None) -> Agent
     (``DEFAULT_CONFIG_PATH``, /etc/edge-agent/agent.toml) if it exists, else the embedded
     defaults (``agent.defaults.default_config()``).
     """
-    if path is None:
-        default_path = DEFAULT_CONFIG_PATH if default_path is None else default_path
-        if not default_path.exists():
-            return _embedded_defaults()
-        path = default_path
-    text = _read_text(path)
+    resolved = resolve_config_path(path, default_path=default_path)
+    if resolved is None:
+        return _embedded_defaults()
+    text = _read_text(resolved)
     config, problems = parse_config_text(text)
     if config is None:
-        raise ConfigValidationError(str(path), [p.format() for p in problems])
+        raise ConfigValidationError(str(resolved), [p.format() for p in problems])
     return config
 
 
-def embedded_defaults_apply(path: Path | None) -> bool:
-    """True when ``load_config(path)`` runs on the embedded defaults (no file given, and no
-    file at the default path)."""
-    return path is None and not DEFAULT_CONFIG_PATH.exists()
+def resolve_config_path(path: Path | None, *, default_path: Path | None = None) -> Path | None:
+    """The config file ``load_config(path)`` reads: ``path`` when given, else ``default_path``
+    (``DEFAULT_CONFIG_PATH``) if it exists; None means the embedded defaults."""
+    if path is not None:
+        return path
+    default = DEFAULT_CONFIG_PATH if default_path is None else default_path
+    return default if default.exists() else None
 
 
 def _embedded_defaults() -> AgentConfig:

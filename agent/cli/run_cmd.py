@@ -11,7 +11,8 @@ from types import FrameType
 from typing import Any
 
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig
-from agent.configfile import embedded_defaults_apply, load_config
+from agent.configfile import load_config, resolve_config_path
+from agent.defaults import default_config
 from agent.process import Agent
 from pipelines.config import VisionPipelineConfig
 
@@ -93,8 +94,9 @@ def _positive_float(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
-    embedded = embedded_defaults_apply(args.config)
-    config = load_config(args.config)
+    path = resolve_config_path(args.config)
+    embedded = path is None
+    config = default_config() if embedded else load_config(path)
     if not args.debug:
         logging.getLogger().setLevel(config.log_level.upper())
     if args.frames is not None:
