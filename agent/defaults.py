@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from agent.config import AgentConfig, JsonlReporterConfig, ReportingConfig
 from engines.llama_config import LlamaCppConfig
@@ -79,14 +80,14 @@ def default_llm_pipeline() -> LlmPipelineConfig:
 def default_config(environ: Mapping[str, str] | None = None) -> AgentConfig:
     """The agent config used when no config file exists (see the module docstring)."""
     env = os.environ if environ is None else environ
-    config = AgentConfig(
-        reporting=ReportingConfig(jsonl=JsonlReporterConfig(path="-")),
-        pipelines=[default_pipeline(), default_llm_pipeline()],
-    )
-    if env.get("STATE_DIRECTORY") or _writable(config.state_dir):
-        return config
+    # state_dir is passed only for the user fallback: left unset, $STATE_DIRECTORY overrides it
+    # (model_fields_set, see agent.process.resolve_state_dir)
+    fallback: dict[str, Any] = {}
+    configured_dir = Path(AgentConfig.model_fields["state_dir"].default)
+    if not env.get("STATE_DIRECTORY") and not _writable(configured_dir):
+        fallback["state_dir"] = _user_state_dir(env)
     return AgentConfig(
-        state_dir=_user_state_dir(env),
+        **fallback,
         reporting=ReportingConfig(jsonl=JsonlReporterConfig(path="-")),
         pipelines=[default_pipeline(), default_llm_pipeline()],
     )
