@@ -206,6 +206,10 @@ class ModelStore:
             raise ManifestError(f"cannot read manifest {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ManifestError(f"manifest {path} is not valid TOML: {exc}; fix the file") from exc
+        except UnicodeDecodeError as exc:
+            raise ManifestError(
+                f"manifest {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+            ) from exc
         try:
             return ModelManifest.model_validate(data)
         except ValidationError as exc:

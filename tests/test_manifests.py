@@ -138,6 +138,17 @@ url = "{url}"
 """
 
 
+def test_non_utf8_manifest_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'name = "caf\xe9"\n')
+    with pytest.raises(ManifestError) as info:
+        ModelStore.load_manifest(path)
+    text = str(info.value)
+    assert "\n" not in text
+    assert str(path) in text
+    assert "not UTF-8" in text
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

@@ -90,7 +90,7 @@ def _input_spec(manifest: Path | None) -> InputSpec | None:
         return None
     try:
         parsed = ModelStore.load_manifest(manifest)
-    except (ManifestError, ValueError) as exc:  # ValueError: a manifest that is not UTF-8
+    except ManifestError as exc:
         # Name what the library said (load_manifest chains it), as build-plan always has.
         text = " ".join(str(exc.__cause__ or exc).split())[:200]
         msg = f"cannot use manifest {manifest} ({text}): give a valid model manifest (TOML)"
