@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from notify_support import NotifyListener
+from wait_support import wait_for
 
 from agent.config import AgentConfig
 from agent.errors import ReportingError, StateDirError
@@ -39,14 +39,6 @@ def make_config(tmp_path: Path, **extra: Any) -> AgentConfig:
 def jsonl(tmp_path: Path) -> list[dict[str, Any]]:
     path = tmp_path / "out.jsonl"
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_start_and_stop_without_pipelines(tmp_path: Path, notify_socket: NotifyListener) -> None:
