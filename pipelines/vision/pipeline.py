@@ -115,6 +115,7 @@ class VisionPipeline:
         self._ctx = ctx
         self._engine = engine
         self._decoder = decoder
+        self._extra_names = decoder.extra_input_names()  # fixed per decoder: read once
         self._pre = preprocessor
         self._sources = list(sources)
         self._labels = tuple(labels)
@@ -479,9 +480,11 @@ class VisionPipeline:
             batch.metas.append(meta)
         if not batch.frames:
             return None
-        names = self._decoder.extra_input_names()
-        if names:
-            out = {name: self._engine.input_buffer(name, (self._batch, 2)) for name in names}
+        if self._extra_names:
+            out = {
+                name: self._engine.input_buffer(name, (self._batch, 2))
+                for name in self._extra_names
+            }
             self._decoder.extra_inputs(batch.metas, out)
         batch.pre_s = time.monotonic() - start
         self._cpu["preprocess"].record((time.thread_time() - cpu0) / len(batch.frames))

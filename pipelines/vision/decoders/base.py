@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -67,6 +67,10 @@ class DecodeParams:
     """Keep at most this many detections per frame (best first)."""
     class_allowlist: frozenset[int] | None = None
     """Class ids to keep (``None``: all)."""
+    _allowed: npt.NDArray[np.int32] | None = field(
+        init=False, repr=False, compare=False, default=None
+    )
+    """``class_allowlist`` as a read-only array for ``np.isin``, built once here, not per frame."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.score_threshold < 1.0:
@@ -76,6 +80,10 @@ class DecodeParams:
             raise PipelineConfigError(f"nms_iou {self.nms_iou} is outside (0, 1]")
         if self.max_detections < 1:
             raise PipelineConfigError(f"max_detections {self.max_detections} must be >= 1")
+        if self.class_allowlist is not None:
+            allowed = np.fromiter(self.class_allowlist, dtype=np.int32)
+            allowed.flags.writeable = False
+            object.__setattr__(self, "_allowed", allowed)  # frozen: set once, at construction
 
 
 @runtime_checkable
@@ -272,9 +280,8 @@ def finish(
     keep = np.isfinite(boxes).all(axis=1) & (class_ids >= 0) & (class_ids < num_classes)
     invalid += int(keep.shape[0] - np.count_nonzero(keep))
     ids: npt.NDArray[np.int32] = class_ids.astype(np.int32, copy=False)
-    if params.class_allowlist is not None:
-        allowed = np.fromiter(params.class_allowlist, dtype=np.int32)
-        keep &= np.isin(ids, allowed)
+    if params._allowed is not None:
+        keep &= np.isin(ids, params._allowed)
     if not keep.all():
         boxes, scores, ids = boxes[keep], scores[keep], ids[keep]
     if scores.shape[0] == 0:

@@ -51,6 +51,8 @@ class NanodetDecoder(BaseDecoder):
         self.width = spec.width
         self.height = spec.height
         self._levels: dict[int, _Level] = {}
+        # output names -> strides of the last decoded batch (the names are fixed per engine)
+        self._last_strides: tuple[tuple[str, ...], list[int]] | None = None
 
     def _level(self, stride: int) -> _Level:
         level = self._levels.get(stride)
@@ -101,7 +103,13 @@ class NanodetDecoder(BaseDecoder):
         metas: Sequence[FrameMeta],
         params: DecodeParams,
     ) -> list[Detections]:
-        strides = self._strides(list(outputs))
+        names = tuple(outputs)
+        last = self._last_strides
+        if last is not None and last[0] == names:
+            strides = last[1]
+        else:
+            strides = self._strides(names)
+            self._last_strides = (names, strides)
         if not strides:
             raise DecoderMismatchError(
                 f"decoder 'nanodet' found no cls_pred_stride_* output among "
