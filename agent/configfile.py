@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig
+from agent.defaults import default_config
 from agent.errors import ConfigFileError, ConfigValidationError, PinningError
 
 if sys.version_info >= (3, 11):
@@ -99,7 +100,7 @@ def load_config(path: Path | None, *, default_path: Path | None = None) -> Agent
     """
     resolved = resolve_config_path(path, default_path=default_path)
     if resolved is None:
-        return _embedded_defaults()
+        return default_config()
     text = _read_text(resolved)
     config, problems = parse_config_text(text)
     if config is None:
@@ -114,13 +115,6 @@ def resolve_config_path(path: Path | None, *, default_path: Path | None = None) 
         return path
     default = DEFAULT_CONFIG_PATH if default_path is None else default_path
     return default if default.exists() else None
-
-
-def _embedded_defaults() -> AgentConfig:
-    # agent.defaults (the built-in vision pipeline) is written by the pipelines issue.
-    from agent.defaults import default_config  # noqa: PLC0415 - optional until it lands
-
-    return default_config()
 
 
 def _read_text(path: Path) -> str:
