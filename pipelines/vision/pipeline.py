@@ -123,12 +123,7 @@ class VisionPipeline:
         self._dynamic = dynamic_batch
         self._close_engine = close_engine
         self._tensor = preprocessor.spec.tensor
-        self._params = DecodeParams(
-            score_threshold=config.score_threshold,
-            nms_iou=config.nms_iou,
-            max_detections=config.max_detections,
-            class_allowlist=_allowlist(config.classes, self._labels),
-        )
+        self._params = _decode_params(config, self._labels)
         self._topic = detections_topic(config.name)
         self._hub = FrameHub(
             [s.name for s in self._sources], config.policy, config.source_queue_size
@@ -218,9 +213,7 @@ class VisionPipeline:
         with self._lock:
             if self._state in ("running", "finished"):
                 self._state = "stopping"
-        self._stop.set()
-        self._capture_stop.set()
-        self._hub.close()
+        self._shutdown()
         joined = True
         for source in self._sources:
             joined &= source.join(deadline - time.monotonic())
@@ -342,12 +335,7 @@ class VisionPipeline:
                 raise PipelineConfigError(
                     f"pipeline {self.name}: {where}: {err.get('msg', 'invalid')}"
                 ) from exc
-            params = DecodeParams(
-                score_threshold=config.score_threshold,
-                nms_iou=config.nms_iou,
-                max_detections=config.max_detections,
-                class_allowlist=_allowlist(config.classes, self._labels),
-            )
+            params = _decode_params(config, self._labels)
             self.config = config
             self._params = params  # one reference swap: the decoder reads it once per batch
             if not isinstance(fps_cap, _Keep):
@@ -378,15 +366,11 @@ class VisionPipeline:
         with self._lock:
             self._state = "failed"
             self._error = error
-        self._stop.set()
-        self._capture_stop.set()
-        self._hub.close()
+        self._shutdown()
 
     def _halted(self) -> bool:
         if self._external is not None and self._external.is_set() and not self._stop.is_set():
-            self._stop.set()
-            self._capture_stop.set()
-            self._hub.close()
+            self._shutdown()
         return self._stop.is_set()
 
     def _beat(self, worker: str) -> None:
@@ -443,6 +427,11 @@ class VisionPipeline:
         if not self._halted():
             self._stop_captures()
             self._put(self._to_infer, None, worker)
+
+    def _shutdown(self) -> None:
+        """Stop every worker: the pipeline's stop flag, then the captures."""
+        self._stop.set()
+        self._stop_captures()
 
     def _stop_captures(self) -> None:
         """Stop the capture threads (the downstream workers keep draining)."""
@@ -624,6 +613,16 @@ def _engine_slots(engine: TensorEngine) -> int:
     """In-flight calls the engine takes (its ``slots`` in status; 1 if it does not say)."""
     slots = engine.status().get("slots", 1)
     return slots if isinstance(slots, int) and slots >= 1 else 1
+
+
+def _decode_params(config: VisionPipelineConfig, labels: Sequence[str]) -> DecodeParams:
+    """The decoder's post-processing settings from a pipeline config."""
+    return DecodeParams(
+        score_threshold=config.score_threshold,
+        nms_iou=config.nms_iou,
+        max_detections=config.max_detections,
+        class_allowlist=_allowlist(config.classes, labels),
+    )
 
 
 def _allowlist(classes: Sequence[str | int] | None, labels: Sequence[str]) -> frozenset[int] | None:
