@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import cv2
 import numpy as np
@@ -426,11 +426,15 @@ class FileSource(FrameSource):
         seed: int | None = None,
     ) -> None:
         super().__init__(name, config, seed=seed)
-        self.file_config = config
         self._resolve = resolve
         self._path: Path | None = None
         self._frame_period = 0.0
         self._next_due = 0.0
+
+    @property
+    def file_config(self) -> FileSourceConfig:
+        """``self.config`` as this kind's settings (``update()`` may replace ``config``)."""
+        return cast("FileSourceConfig", self.config)
 
     def describe(self) -> str:
         return str(self._path or self.file_config.path)
@@ -518,10 +522,14 @@ class StreamSource(FrameSource):
 
     def __init__(self, name: str, config: StreamSourceConfig, *, seed: int | None = None) -> None:
         super().__init__(name, config, seed=seed)
-        self.stream_config = config
 
     def max_block_s(self) -> float:
         return max(self.stream_config.open_timeout_s, self.stream_config.read_timeout_s)
+
+    @property
+    def stream_config(self) -> StreamSourceConfig:
+        """``self.config`` as this kind's settings (``update()`` may replace ``config``)."""
+        return cast("StreamSourceConfig", self.config)
 
     def describe(self) -> str:
         # never show credentials embedded in the URL
@@ -550,8 +558,12 @@ class V4l2Source(FrameSource):
 
     def __init__(self, name: str, config: V4l2SourceConfig, *, seed: int | None = None) -> None:
         super().__init__(name, config, seed=seed)
-        self.v4l2_config = config
         self.negotiated: dict[str, Any] = {}
+
+    @property
+    def v4l2_config(self) -> V4l2SourceConfig:
+        """``self.config`` as this kind's settings (``update()`` may replace ``config``)."""
+        return cast("V4l2SourceConfig", self.config)
 
     def describe(self) -> str:
         return self.v4l2_config.device
@@ -603,7 +615,11 @@ class GStreamerSource(FrameSource):
         self, name: str, config: GStreamerSourceConfig, *, seed: int | None = None
     ) -> None:
         super().__init__(name, config, seed=seed)
-        self.gst_config = config
+
+    @property
+    def gst_config(self) -> GStreamerSourceConfig:
+        """``self.config`` as this kind's settings (``update()`` may replace ``config``)."""
+        return cast("GStreamerSourceConfig", self.config)
 
     def describe(self) -> str:
         return self.gst_config.pipeline.split("!")[0].strip()
