@@ -8,83 +8,19 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_process_support import ROOT, AgentProcess, base_env
 from notify_support import NotifyListener
+from wait_support import wait_for
 
 from agent import configfile
 from agent.cli import main
 from agent.pinning import allowed_cpus
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class AgentProcess:
-    """``python -m agent ...`` with stdout/stderr collected line by line by threads."""
-
-    def __init__(self, args: list[str], env: Mapping[str, str], **popen: Any) -> None:
-        self.proc = subprocess.Popen(
-            [*popen.pop("prefix", []), sys.executable, "-m", "agent", *args],
-            cwd=ROOT,
-            env=dict(env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            **popen,
-        )
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self._threads = [
-            threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True),
-            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
-
-    @staticmethod
-    def _pump(stream: Any, into: list[str]) -> None:
-        into.extend(line.rstrip("\n") for line in stream)
-
-    def wait_stderr(self, text: str, timeout_s: float = 60) -> None:
-        wait_for(lambda: any(text in line for line in self.stderr), f"stderr {text!r}", timeout_s)
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout_s: float = 60) -> int:
-        code = self.proc.wait(timeout_s)
-        for t in self._threads:
-            t.join(10)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def base_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "STATE_DIRECTORY")
-    }
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
 
 
 def write_config(folder: Path, text: str = "", *, state: Path | None = None) -> Path:
@@ -216,6 +152,7 @@ def test_notify_socket_pointing_nowhere_keeps_running(
     wait_for(
         lambda: status_file.exists() and json.loads(status_file.read_text())["state"] == "ready",
         "status ready",
+        timeout_s=60,
     )
     assert agent.proc.poll() is None
     warnings = [line for line in agent.stderr if "NOTIFY_SOCKET" in line]

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_process_support import AgentProcess, base_env
 from broker_support import (
     PASSWORD,
     Monitor,
@@ -33,7 +31,6 @@ from agent.config import AgentConfig
 from agent.process import RESTART_EXIT_STATUS, Agent
 from agent.reporting.messages import CommandReply, StatusMessage, TelemetryMessage
 
-ROOT = Path(__file__).resolve().parents[2]
 # Frames already past the decoder when a setting changes (queues + one per worker, see
 # tests/test_vision_update.py): results this far beyond the last one seen use the new setting.
 IN_FLIGHT_MARGIN = 24
@@ -368,17 +365,6 @@ def test_a_second_control_command_meanwhile_is_busy(controlled: Controlled) -> N
     assert c.agent.status()["pipelines"][0]["state"] == "running"
 
 
-def _start_cli(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--config", str(config)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_agent_restart_stops_gracefully_and_exits_75(
     broker: MosquittoBroker, device: str, tmp_path: Path
 ) -> None:
@@ -393,18 +379,17 @@ def test_agent_restart_stops_gracefully_and_exits_75(
         f'[reporting.mqtt.commands]\ntrusted_keys_dir = "{tmp_path / "keys"}"\n',
         encoding="utf-8",
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
     mon = open_monitor(broker, f"edge/{device}/#")
-    proc = _start_cli(config, env)
+    proc = AgentProcess(["run", "--config", str(config)], base_env())
     try:
         ready = mon.wait_for(
             lambda m: m.topic.endswith("/status") and b'"agent_state":"ready"' in m.payload, 60
         )
-        assert ready, proc.stderr.read() if proc.poll() is not None else "agent not ready"
+        assert ready, proc.stderr[-20:] if proc.proc.poll() is not None else "agent not ready"
         c = Controlled(None, mon, key, device, tmp_path / "state")  # type: ignore[arg-type]
         unsigned = c.call("agent.restart", {"reason": "test"})
         assert (unsigned.status, unsigned.reason) == ("rejected", "signature_required")
-        assert proc.poll() is None
+        assert proc.proc.poll() is None
         reply = c.call("agent.restart", {"reason": "test"}, sign=True)
         assert (reply.status, reply.reason) == ("succeeded", "ok"), reply.message
         assert reply.result == {"exit_status": RESTART_EXIT_STATUS, "stopping": True}
@@ -412,12 +397,9 @@ def test_agent_restart_stops_gracefully_and_exits_75(
         offline = c.retained_status(lambda s: s["state"] == "offline")
         assert offline.reason == "shutdown"  # a clean stop, not the Last Will
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
+        proc.kill()
         close_monitor(mon)
-    stderr = proc.stderr.read() if proc.stderr else ""
-    assert "exit status 75" in stderr
+    assert any("exit status 75" in line for line in proc.stderr), proc.stderr[-20:]
     audit = [
         json.loads(x) for x in (tmp_path / "state" / "command-audit.jsonl").read_text().splitlines()
     ]

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -20,6 +17,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from agent_process_support import AgentProcess, base_env
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent import configfile
@@ -27,8 +25,6 @@ from agent.config import AgentConfig
 from agent.process import Agent
 from agent.reporting import local_broker
 from agent.reporting.local_broker import CONTROLLER, LocalBroker, find_mosquitto
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class Client:
@@ -229,76 +225,25 @@ def test_agent_without_a_usable_mosquitto_runs_without_mqtt(
     assert "no mosquitto binary found" in caplog.text
 
 
-class Cli:
-    """``python -m agent run ...`` with stdout/stderr collected by threads."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self.threads = [
-            threading.Thread(target=self._pump, args=(self.proc.stdout, self.out), daemon=True),
-            threading.Thread(target=self._pump, args=(self.proc.stderr, self.err), daemon=True),
-        ]
-        for t in self.threads:
-            t.start()
-
-    @staticmethod
-    def _pump(stream: Any, into: list[str]) -> None:
-        into.extend(line.rstrip("\n") for line in stream)
-
-    def wait_err(self, pattern: str, timeout: float = 90) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.err):
-                found = re.search(pattern, line)
-                if found:
-                    return found
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        pytest.fail(f"no stderr line matching {pattern!r}: {self.err[-5:]}")
-
-    def finish(self, timeout: float = 60) -> int:
-        code = self.proc.wait(timeout)
-        for t in self.threads:
-            t.join(10)
-        return code
-
-
 @pytest.fixture
 def defaults_env(tmp_path: Path, model_search_path: str, data_dir: Path) -> dict[str, str]:
     if configfile.DEFAULT_CONFIG_PATH.exists():
         pytest.skip(f"{configfile.DEFAULT_CONFIG_PATH} exists: `run` would not use the defaults")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-    }
-    env.update(
+    return base_env(
         STATE_DIRECTORY=str(tmp_path / "state"),
         EDGE_AGENT_MODEL_PATH=model_search_path,  # detectors + the LLM tests' SmolLM2
         EDGE_AGENT_DATA_PATH=str(data_dir),
-        PYTHONUNBUFFERED="1",
     )
-    return env
 
 
 def test_readme_command_reports_detections_to_a_local_broker(
     mosquitto: Path, defaults_env: dict[str, str], tmp_path: Path
 ) -> None:
     del mosquitto  # required: the run only starts a broker when the binary exists
-    cli = Cli(["--duration", "120"], defaults_env)
+    cli = AgentProcess(["run", "--duration", "120"], defaults_env)
     sub: Client | None = None
     try:
-        port = int(cli.wait_err(r"local MQTT broker on 127\.0\.0\.1:(\d+)")[1])
+        port = int(cli.wait_stderr_match(r"local MQTT broker on 127\.0\.0\.1:(\d+)")[1])
         record = json.loads((tmp_path / "state" / "local-broker.json").read_text())
         sub = Client(port)  # anonymous, read only
         sub.subscribe("edge/#")
@@ -322,16 +267,14 @@ def test_readme_command_reports_detections_to_a_local_broker(
         assert (report["status"], report["pipeline"]) == ("completed", "assistant")
         assert report["text"].strip()
         assert report["context"]["pipelines"]["street"]["frames"] > 0
-        cli.proc.send_signal(signal.SIGTERM)
-        assert cli.finish() == 0
+        cli.signal(signal.SIGTERM)
+        assert cli.wait() == 0
     finally:
         if sub is not None:
             sub.close()
-        if cli.proc.poll() is None:
-            cli.proc.kill()
-            cli.finish()
+        cli.kill()
     # JSON Lines on stdout as before
-    stdout = [json.loads(line) for line in cli.out if line.startswith("{")]
+    stdout = [json.loads(line) for line in cli.stdout if line.startswith("{")]
     assert any(m.get("topic") == "vision/street/detections" for m in stdout)
     # the broker went with the agent
     assert not _alive(int(record["pid"]))
@@ -340,8 +283,8 @@ def test_readme_command_reports_detections_to_a_local_broker(
 
 
 def test_no_local_broker_flag(defaults_env: dict[str, str], tmp_path: Path) -> None:
-    cli = Cli(["--no-local-broker", "--frames", "2"], defaults_env)
-    assert cli.finish(120) == 0, cli.err[-5:]
-    assert not any("local MQTT broker" in line for line in cli.err)
+    cli = AgentProcess(["run", "--no-local-broker", "--frames", "2"], defaults_env)
+    assert cli.wait(120) == 0, cli.stderr[-5:]
+    assert not any("local MQTT broker" in line for line in cli.stderr)
     assert not (tmp_path / "state" / "local-broker.json").exists()
     assert not (tmp_path / "state" / "mqtt-outbox.sqlite").exists()
