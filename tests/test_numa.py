@@ -7,14 +7,11 @@ mapping that has none of its own.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from child_support import run_child
 
 from agent.errors import NumaUnavailableError, PinningError
 from agent.numa import (
@@ -26,25 +23,9 @@ from agent.numa import (
     read_nodes,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 MISSING_LIBRARY = "libnuma-does-not-exist.so.9"
 SYSFS_NODES = Path("/sys/devices/system/node")
 HAS_NUMA_SYSFS = SYSFS_NODES.is_dir()
-
-
-def run_child(body: str, *args: object) -> dict[str, object]:
-    script = "import json, os, sys\nARGS = json.loads(sys.argv[1])\n" + textwrap.dedent(body)
-    proc = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(list(args))],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
 
 
 def _write(path: Path, text: str) -> None:

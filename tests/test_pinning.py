@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 import threading
 from pathlib import Path
 
 import pytest
+from child_support import run_child
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -38,26 +36,9 @@ from engines.affinity import (
 )
 from engines.errors import AffinityError
 
-ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = frozenset(os.sched_getaffinity(0))
 LAST = max(ALLOWED)
 BEYOND = max(ALLOWED) + 1  # a CPU this process may not use
-
-
-def run_child(body: str, *args: object) -> dict[str, object]:
-    """Run ``body`` in a fresh interpreter (repo on sys.path); it prints one JSON object."""
-    script = "import json, os, sys\nARGS = json.loads(sys.argv[1])\n" + textwrap.dedent(body)
-    proc = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(list(args))],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
 
 
 # --- CPU set syntax --------------------------------------------------------------------------
