@@ -187,7 +187,7 @@ class VisionPipelineConfig(StrictModel):
         description="How long a partial batch waits for more frames before it runs anyway.",
     )
     score_threshold: float = Field(
-        default=0.3, ge=0.0, le=1.0, description="Detections scoring below this are dropped."
+        default=0.3, ge=0.0, lt=1.0, description="Detections scoring below this are dropped."
     )
     nms_iou: float = Field(
         default=0.45,

@@ -111,6 +111,20 @@ def test_unknown_engine_type_names_the_choices(tmp_path: Path) -> None:
     assert "onnxruntime" in problems[0].message
 
 
+def test_score_threshold_of_one_is_rejected_at_validation(tmp_path: Path) -> None:
+    # DecodeParams keeps scores strictly above the threshold and rejects 1.0: the config must too
+    text = VISION.replace(
+        'model = "yolox_nano_416"', 'model = "yolox_nano_416"\nscore_threshold = 1.0'
+    )
+    problems = check_config_file(write(tmp_path, text))
+    assert [(p.path, p.line) for p in problems] == [(("pipelines", 0, "score_threshold"), 6)]
+    assert "less than 1" in problems[0].message
+    ok = VISION.replace(
+        'model = "yolox_nano_416"', 'model = "yolox_nano_416"\nscore_threshold = 0.99'
+    )
+    assert check_config_file(write(tmp_path, ok)) == []
+
+
 def test_wrong_type_is_one_problem_per_key(tmp_path: Path) -> None:
     problems = check_config_file(write(tmp_path, 'stop_timeout_s = "soon"\n'))
     assert [(p.path, p.line) for p in problems] == [(("stop_timeout_s",), 1)]
