@@ -63,10 +63,7 @@ class DataType(enum.IntEnum):
     INT32 = 3
     BOOL = 4
     UINT8 = 5
-    FP8 = 6
-    BF16 = 7
     INT64 = 8
-    INT4 = 9
 
 
 _NPTYPES: dict[DataType, type] = {
@@ -96,20 +93,10 @@ def nptype(trt_type: DataType) -> type:
 class BuilderFlag(enum.IntEnum):
     FP16 = 0
     INT8 = 1
-    DEBUG = 2
 
 
 class MemoryPoolType(enum.IntEnum):
     WORKSPACE = 0
-
-
-class NetworkDefinitionCreationFlag(enum.IntEnum):
-    EXPLICIT_BATCH = 0
-    STRONGLY_TYPED = 1
-
-
-class CalibrationAlgoType(enum.IntEnum):
-    ENTROPY_CALIBRATION_2 = 2
 
 
 class Dims:
@@ -192,9 +179,6 @@ class IInt8EntropyCalibrator2:
 
     def __init__(self) -> None:
         pass
-
-    def get_algorithm(self) -> CalibrationAlgoType:
-        return CalibrationAlgoType.ENTROPY_CALIBRATION_2
 
 
 class IProgressMonitor:
@@ -325,9 +309,6 @@ def make_tensorrt(driver: types.ModuleType, version: str = "10.3.0") -> types.Mo
             self.addresses[name] = int(memory)
             return True
 
-        def get_tensor_address(self, name: str) -> int:
-            return self.addresses.get(name, 0)
-
         def execute_async_v3(self, stream_handle: int) -> bool:
             logger = self.engine.logger
             if not cuda_state.stack():
@@ -418,15 +399,8 @@ def make_tensorrt(driver: types.ModuleType, version: str = "10.3.0") -> types.Mo
         def num_inputs(self) -> int:
             return len(self.inputs)
 
-        @property
-        def num_outputs(self) -> int:
-            return len(self.outputs)
-
         def get_input(self, index: int) -> ITensor:
             return self.inputs[index]
-
-        def get_output(self, index: int) -> ITensor:
-            return self.outputs[index]
 
     class ParserError:
         def __init__(self, description: str) -> None:
@@ -478,9 +452,6 @@ def make_tensorrt(driver: types.ModuleType, version: str = "10.3.0") -> types.Mo
         def set_shape(self, input: str, min: Any, opt: Any, max: Any) -> None:
             self.shapes[input] = [tuple(int(d) for d in s) for s in (min, opt, max)]
 
-        def get_shape(self, input: str) -> list[Dims]:
-            return [Dims(s) for s in self.shapes[input]]
-
     class ITimingCache:
         def __init__(self, device: str, entries: list[str]) -> None:
             self.device = device
@@ -489,10 +460,6 @@ def make_tensorrt(driver: types.ModuleType, version: str = "10.3.0") -> types.Mo
         def serialize(self) -> IHostMemory:
             text = "\n".join([f"{CACHE_MAGIC} {self.device}", *self.entries]) + "\n"
             return IHostMemory(text.encode())
-
-        def reset(self) -> bool:
-            self.entries.clear()
-            return True
 
     def _device_tag() -> str:
         major, minor = cuda_state.compute_capability
@@ -510,12 +477,6 @@ def make_tensorrt(driver: types.ModuleType, version: str = "10.3.0") -> types.Mo
 
         def set_flag(self, flag: BuilderFlag) -> None:
             self.flags.add(BuilderFlag(flag))
-
-        def get_flag(self, flag: BuilderFlag) -> bool:
-            return BuilderFlag(flag) in self.flags
-
-        def clear_flag(self, flag: BuilderFlag) -> None:
-            self.flags.discard(BuilderFlag(flag))
 
         def set_memory_pool_limit(self, pool: MemoryPoolType, pool_size: int) -> None:
             self.pool_limits[MemoryPoolType(pool)] = int(pool_size)
@@ -681,14 +642,12 @@ def make_tensorrt(driver: types.ModuleType, version: str = "10.3.0") -> types.Mo
         "Builder": Builder,
         "BuilderFlag": BuilderFlag,
         "MemoryPoolType": MemoryPoolType,
-        "NetworkDefinitionCreationFlag": NetworkDefinitionCreationFlag,
         "OnnxParser": OnnxParser,
         "IBuilderConfig": IBuilderConfig,
         "IOptimizationProfile": IOptimizationProfile,
         "ITimingCache": ITimingCache,
         "IInt8EntropyCalibrator2": IInt8EntropyCalibrator2,
         "IProgressMonitor": IProgressMonitor,
-        "CalibrationAlgoType": CalibrationAlgoType,
         "state": state,
     }.items():
         setattr(module, name, value)
