@@ -34,6 +34,7 @@ from pydantic import Field, model_validator
 
 from agent.commands.registry import CommandContext, CommandRegistry, CommandSpec
 from engines.configbase import StrictModel
+from pipelines.base import NAME_PATTERN
 
 if TYPE_CHECKING:
     from agent.process import Agent
@@ -47,19 +48,18 @@ __all__ = [
     "register_agent_commands",
 ]
 
-_PIPELINE_NAME = r"^[A-Za-z0-9_-]+$"
 _MODEL_NAME = r"^[a-z0-9][a-z0-9_.-]{0,127}$"
 _SETTINGS = ("score_threshold", "nms_iou", "fps_cap", "classes")
 
 
 class PipelineArgs(StrictModel):
-    name: str = Field(pattern=_PIPELINE_NAME, description="Pipeline name (`[[pipelines]] name`).")
+    name: str = Field(pattern=NAME_PATTERN, description="Pipeline name (`[[pipelines]] name`).")
 
 
 class PipelineSetArgs(StrictModel):
     """At least one setting; a setting left out keeps its value."""
 
-    name: str = Field(pattern=_PIPELINE_NAME, description="Pipeline name (`[[pipelines]] name`).")
+    name: str = Field(pattern=NAME_PATTERN, description="Pipeline name (`[[pipelines]] name`).")
     score_threshold: float | None = Field(
         default=None, ge=0.0, lt=1.0, description="New detection score threshold."
     )
@@ -93,7 +93,7 @@ class ModelArgs(StrictModel):
 class ModelLoadArgs(ModelArgs):
     pipeline: str | None = Field(
         default=None,
-        pattern=_PIPELINE_NAME,
+        pattern=NAME_PATTERN,
         description="Pipeline to run the model in (rebuilt on it); unset: only fetch and "
         "verify the model in the store.",
     )

@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 from engines.manifest import ModelManifest
 
 __all__ = [
+    "NAME_PATTERN",
     "Heartbeats",
     "Pipeline",
     "PipelineContext",
@@ -31,6 +32,9 @@ __all__ = [
     "ResultListener",
     "ResultSink",
 ]
+
+NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
+"""Pipeline and source names (they appear in MQTT topics and command arguments)."""
 
 
 @runtime_checkable

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from engines.config import EngineConfig
 from engines.configbase import StrictModel
+from pipelines.base import NAME_PATTERN
 from pipelines.llm.config import LlmPipelineConfig
 
 __all__ = [
@@ -27,13 +28,11 @@ __all__ = [
     "VisionPipelineConfig",
 ]
 
-_NAME = r"^[A-Za-z0-9_-]+$"
-
 
 class _SourceBase(StrictModel):
     name: str | None = Field(
         default=None,
-        pattern=_NAME,
+        pattern=NAME_PATTERN,
         description="Source id used in results and status; default: `<type><index>` "
         "(e.g. `file0`). Must be unique within the pipeline.",
     )
@@ -144,7 +143,7 @@ class StageNames(StrictModel):
 
 class VisionPipelineConfig(StrictModel):
     type: Literal["vision"] = Field(description="Selects a vision (detection) pipeline.")
-    name: str = Field(pattern=_NAME, description="Pipeline name used in topics.")
+    name: str = Field(pattern=NAME_PATTERN, description="Pipeline name used in topics.")
     model: str = Field(description="Model manifest name, e.g. `yolox_nano_416`.")
     engine: EngineConfig = Field(description="Engine that runs the model.")
     decoder: Literal["yolox", "detr", "nanodet", "yolov8", "yolov5"] | None = Field(

@@ -23,6 +23,7 @@ from pydantic import Field
 
 from engines.configbase import StrictModel
 from engines.llama_config import LlamaCppConfig
+from pipelines.base import NAME_PATTERN
 
 __all__ = [
     "KvCacheConfig",
@@ -32,8 +33,6 @@ __all__ = [
     "SessionCacheConfig",
     "StreamConfig",
 ]
-
-_NAME = r"^[A-Za-z0-9_-]+$"
 
 
 class StreamConfig(StrictModel):
@@ -140,7 +139,9 @@ class NarratorConfig(StrictModel):
 
 class LlmPipelineConfig(StrictModel):
     type: Literal["llm"] = Field(description="Selects an LLM pipeline (llama.cpp, GGUF).")
-    name: str = Field(pattern=_NAME, description="Pipeline name used in status and commands.")
+    name: str = Field(
+        pattern=NAME_PATTERN, description="Pipeline name used in status and commands."
+    )
     model: str = Field(description="Model manifest name, e.g. `smollm2-135m-instruct-q4_1`.")
     engine: LlamaCppConfig = Field(
         default_factory=LlamaCppConfig, description="llama.cpp settings."
