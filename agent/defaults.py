@@ -54,8 +54,8 @@ def default_pipeline() -> VisionPipelineConfig:
         model=DEFAULT_MODEL,
         # one intra-op thread: a camera paced at 25 FPS needs ~19 ms of the 40 ms frame budget
         # with one thread, and the second thread mostly waits at operator barriers for a
-        # partner preempted by the capture/LLM threads (docs/vision.md: CPU per frame 15.8 vs
-        # 44.7 ms, latest p99/p50 1.32 vs 2.08 on 2 cores).
+        # partner preempted by the capture/LLM threads (docs/vision.md: CPU per frame 17.8 vs
+        # 45.8 ms; latest p99/p50 1.64 vs 1.88, and 1.32 vs 2.08 in an earlier run, on 2 cores).
         engine=OnnxRuntimeConfig(type="onnxruntime", intra_op_threads=1),
         sources=[
             FileSourceConfig(type="file", name="bikes", path=DEFAULT_DATA, loop=True, realtime=True)
