@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, StrictInt
 
+from agent.bundle_config import BundlesConfig
 from agent.hid_config import HidConfig
 from agent.mqtt_config import MqttConfig
 from engines.affinity import MAX_CPU, parse_cpulist
@@ -171,4 +172,8 @@ class AgentConfig(StrictModel):
     )
     pipelines: list[PipelineConfig] = Field(
         default_factory=list, description="Pipelines to run, each selected by its `type`."
+    )
+    bundles: BundlesConfig = Field(
+        default_factory=BundlesConfig,
+        description="Firmware bundles: trusted signing keys, A/B slots and the health gate.",
     )

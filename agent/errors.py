@@ -22,6 +22,22 @@
             │                                             character the keyboard layout lacks
             └── HidFrameError     hid_frame_invalid       a received report fails its version,
                                                           length or CRC check
+    BundleError (under AgentError) bundle_invalid          firmware bundles (agent/bundles/)
+    ├── BundleFormatError         bundle_malformed        not tar+zstd, truncated, bad manifest
+    ├── BundleSignatureError      bundle_signature_invalid unsigned, unknown key, no match
+    ├── BundleContentError        bundle_content_invalid  member not in the manifest, size or
+    │                                                     sha256 mismatch, more bytes than
+    │                                                     declared, path traversal, a link or
+    │                                                     device member
+    ├── BundleIncompatibleError   bundle_incompatible     wrong board, L4T, TensorRT, Python or
+    │                                                     platform; agent older than required
+    ├── BundleDowngradeError      bundle_downgrade        not newer than the installed version
+    ├── BundleBusyError           busy                    another install holds the lock
+    ├── BundleSpaceError          bundle_no_space         the disk filled while writing a slot
+    ├── BundleDownloadError       bundle_download_failed  HTTP error, size limit, no progress
+    ├── BundleHookError           bundle_hook_failed      a pre-/post-install check failed
+    └── BundleHealthError         bundle_health_failed    the new version missed its health
+                                                          gate; the previous slot is back
 
 Errors from the lower layers (``engines.errors.EngineError``, ``pipelines.errors.PipelineError``)
 keep their own ``reason``; ``reason_code()`` reads it from any of the three trees and maps
@@ -37,6 +53,17 @@ from pipelines.errors import PipelineError
 
 __all__ = [
     "AgentError",
+    "BundleBusyError",
+    "BundleContentError",
+    "BundleDowngradeError",
+    "BundleDownloadError",
+    "BundleError",
+    "BundleFormatError",
+    "BundleHealthError",
+    "BundleHookError",
+    "BundleIncompatibleError",
+    "BundleSignatureError",
+    "BundleSpaceError",
     "ConfigError",
     "ConfigFileError",
     "ConfigValidationError",
@@ -158,6 +185,52 @@ class HidPayloadError(HidError):
 
 class HidFrameError(HidError):
     reason = "hid_frame_invalid"
+
+
+class BundleError(AgentError):
+    """A firmware bundle cannot be built, verified, installed or booted."""
+
+    reason = "bundle_invalid"
+
+
+class BundleFormatError(BundleError):
+    reason = "bundle_malformed"
+
+
+class BundleSignatureError(BundleError):
+    reason = "bundle_signature_invalid"
+
+
+class BundleContentError(BundleError):
+    reason = "bundle_content_invalid"
+
+
+class BundleIncompatibleError(BundleError):
+    reason = "bundle_incompatible"
+
+
+class BundleDowngradeError(BundleError):
+    reason = "bundle_downgrade"
+
+
+class BundleBusyError(BundleError):
+    reason = "busy"
+
+
+class BundleSpaceError(BundleError):
+    reason = "bundle_no_space"
+
+
+class BundleDownloadError(BundleError):
+    reason = "bundle_download_failed"
+
+
+class BundleHookError(BundleError):
+    reason = "bundle_hook_failed"
+
+
+class BundleHealthError(BundleError):
+    reason = "bundle_health_failed"
 
 
 def reason_code(exc: BaseException) -> str:
