@@ -25,6 +25,9 @@ and a one-line message that names the file or setting and the fix. Errors from t
         ├── ModelNotFoundError        model_not_found         no manifest / no source has the file
         ├── ChecksumMismatchError     checksum_mismatch       size/sha256 differ from manifest
         └── DownloadError             download_failed         a source could not be fetched
+            └── DownloadInterruptedError download_interrupted the body ended early or the
+                                                              connection dropped; the partial
+                                                              file is kept (run it again: resume)
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ __all__ = [
     "AffinityError",
     "ChecksumMismatchError",
     "DownloadError",
+    "DownloadInterruptedError",
     "EngineClosedError",
     "EngineError",
     "EngineUnavailableError",
@@ -130,3 +134,7 @@ class ChecksumMismatchError(ModelStoreError):
 
 class DownloadError(ModelStoreError):
     reason = "download_failed"
+
+
+class DownloadInterruptedError(DownloadError):
+    reason = "download_interrupted"

@@ -7,7 +7,8 @@ either the old state or the new file, never half a file; :func:`atomic_write_byt
 for bytes held in memory (plans, caches, the agent's status file).
 
 - :func:`http_download` appends to a partial file, resuming with an HTTP ``Range`` request, and
-  refuses to write more than the expected size (a server that sends more is rejected).
+  refuses to write more than the expected size (a server that sends more is rejected); with
+  the size unknown (firmware bundles) it takes a maximum instead.
 - :func:`pypi_wheel` looks a wheel up through PyPI's JSON API
   (``https://pypi.org/pypi/<project>/<version>/json``: ``urls[]`` with ``packagetype``,
   ``filename``, ``url``, ``size`` and ``digests.sha256``); :func:`fetch_wheel` downloads it into
@@ -40,7 +41,7 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import quote
 from urllib.request import Request, urlopen
 
-from engines.errors import ChecksumMismatchError, DownloadError
+from engines.errors import ChecksumMismatchError, DownloadError, DownloadInterruptedError
 
 __all__ = [
     "CHUNK",
@@ -206,14 +207,33 @@ def _content_range_start(value: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _content_range_total(value: str | None) -> int | None:
+    """The complete length in ``bytes */N`` (a 416 reply) or ``bytes A-B/N``; None if unknown."""
+    match = re.fullmatch(r"\s*bytes\s+(?:\*|\d+-\d+)/(\d+)\s*", value or "")
+    return int(match.group(1)) if match else None
+
+
+def _too_large(url: str, got: int, size: int | None, limit: int, *, sent: bool) -> str:
+    """The one-line refusal of a body over ``size`` (the manifest's) or the ``limit``."""
+    if size is None:
+        if sent:
+            return f"{url} sent more than the limit of {limit} bytes"
+        return f"{url} is {got} bytes, over the limit of {limit} bytes"
+    fix = "the URL serves another file: fix the manifest's url or size"
+    if sent:
+        return f"{url} sent more than the manifest's {size} bytes; {fix}"
+    return f"{url} announces {got} bytes but the manifest says {size}; {fix}"
+
+
 def http_download(
     url: str,
     partial: Path,
     *,
-    size: int,
+    size: int | None,
     timeout: float,
     progress: ProgressFn | None = None,
     phase: str = "download",
+    max_bytes: int | None = None,
 ) -> str:
     """Download ``url`` into ``partial`` (resuming what is already there); return its sha256.
 
@@ -221,10 +241,21 @@ def http_download(
     and the partial file removed (it is not the expected file). A download cut short keeps the
     partial file so that the next call resumes it with a ``Range`` request; a server that does
     not honour the range sends the whole file again (status 200), which restarts it.
+
+    ``size=None`` (the length is not known in advance) needs ``max_bytes``: a body announced
+    (``Content-Length``) or sent past it is refused the same way, and the download is complete
+    when the body ends with everything the server announced (with no length announced: when
+    the server ends the body). A resume answered 416 whose ``Content-Range`` says the file has
+    exactly the bytes already there is complete too (killed before the caller renamed it).
+    A body that ends early or a dropped connection raises DownloadInterruptedError.
     """
+    limit = size if size is not None else max_bytes
+    if limit is None:
+        raise ValueError("http_download needs size or max_bytes")
+    again = "run the pull again" if size is not None else "run it again"
     hasher: Hasher = hashlib.sha256()
     have = partial.stat().st_size if partial.exists() else 0
-    if have > size:
+    if have > limit:
         partial.unlink()
         have = 0
     if have:
@@ -236,14 +267,21 @@ def http_download(
         resp = _open(url, timeout, headers)
     except HTTPError as exc:
         if exc.code == 416 and have:
+            if size is None and _content_range_total(exc.headers.get("Content-Range")) == have:
+                return hasher.hexdigest()
             _log.warning("%s: server refused to resume at byte %d; starting over", url, have)
             partial.unlink()
             return http_download(
-                url, partial, size=size, timeout=timeout, progress=progress, phase=phase
+                url,
+                partial,
+                size=size,
+                timeout=timeout,
+                progress=progress,
+                phase=phase,
+                max_bytes=max_bytes,
             )
-        raise DownloadError(
-            f"{url}: HTTP {exc.code} {exc.reason}; check the URL in the manifest"
-        ) from exc
+        fix = "check the URL in the manifest" if size is not None else "check the URL"
+        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}; {fix}") from exc
     with resp:
         if have and not (
             resp.status == 206 and _content_range_start(resp.headers.get("Content-Range")) == have
@@ -252,36 +290,32 @@ def http_download(
             have = 0
             hasher = hashlib.sha256()
         length = resp.headers.get("Content-Length")
-        if length is not None and length.isdigit() and have + int(length) > size:
+        announced = have + int(length) if length is not None and length.isdigit() else None
+        if announced is not None and announced > limit:
             partial.unlink(missing_ok=True)
-            raise DownloadError(
-                f"{url} announces {have + int(length)} bytes but the manifest says {size}; "
-                "the URL serves another file: fix the manifest's url or size"
-            )
+            raise DownloadError(_too_large(url, announced, size, limit, sent=False))
+        expected = size if size is not None else announced
         try:
             with partial.open("ab" if have else "wb") as out:
                 while chunk := resp.read(CHUNK):
-                    if have + len(chunk) > size:
+                    if have + len(chunk) > limit:
                         out.close()
                         partial.unlink(missing_ok=True)
-                        raise DownloadError(
-                            f"{url} sent more than the manifest's {size} bytes; the URL serves "
-                            "another file: fix the manifest's url or size"
-                        )
+                        raise DownloadError(_too_large(url, have, size, limit, sent=True))
                     out.write(chunk)
                     hasher.update(chunk)
                     have += len(chunk)
-                    _report(progress, have, size, phase)
+                    _report(progress, have, expected or 0, phase)
                 out.flush()
                 os.fsync(out.fileno())
         except (OSError, http.client.HTTPException) as exc:
-            raise DownloadError(
-                f"download of {url} interrupted after {have} of {size} bytes ({exc}); "
-                "run the pull again to resume"
+            of = f" of {expected}" if expected is not None else ""
+            raise DownloadInterruptedError(
+                f"download of {url} interrupted after {have}{of} bytes ({exc}); {again} to resume"
             ) from exc
-    if have < size:
-        raise DownloadError(
-            f"{url} ended after {have} of {size} bytes; run the pull again to resume"
+    if expected is not None and have < expected:
+        raise DownloadInterruptedError(
+            f"{url} ended after {have} of {expected} bytes; {again} to resume"
         )
     return hasher.hexdigest()
 
