@@ -46,6 +46,8 @@ def register(sub: Any) -> None:
         help="print the JSON Schema of the config",
         description="Print the JSON Schema (draft 2020-12) of the config file; every property "
         "carries a description. Editors use it for completion and checking.",
+        epilog="Example:\n  edge-agent config schema > agent.schema.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     schema.set_defaults(func=_schema)
 

