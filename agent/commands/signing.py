@@ -109,6 +109,10 @@ class TrustedKeys:
     def key_ids(self) -> list[str]:
         return sorted(self._keys)
 
+    def public_key(self, key_id: str) -> Ed25519PublicKey | None:
+        """The trusted key called ``key_id`` (its file name without suffix), or None."""
+        return self._keys.get(key_id)
+
     def verify(self, envelope: Mapping[str, Any], command: str, device_id: str) -> str:
         """The id of the key whose signature verifies, else ``SignatureError``."""
         sig_text = envelope.get("signature")
