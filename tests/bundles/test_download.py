@@ -1,9 +1,9 @@
 """URL installs: download_bundle against a real HTTP server (http.server on 127.0.0.1, a thread).
 
-The server honours ``Range`` (or ignores it on demand), can drop the connection part-way
-through a body, leave out or lie about ``Content-Length``, answer a status instead of the body
-(404, 503), and be slow. A downloading subprocess is killed with SIGKILL to show that the next
-call resumes the partial file where the dead one stopped.
+The server (http_support.py) honours ``Range`` (or ignores it on demand), can drop the
+connection part-way through a body, leave out or lie about ``Content-Length``, answer a status
+instead of the body (404, 503), and be slow. A downloading subprocess is killed with SIGKILL to
+show that the next call resumes the partial file where the dead one stopped.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from bundle_support import BundleKeys, make_bundle
+from http_support import BundleServer, serving
 from wait_support import wait_for
 
+from agent.bundles.archive import open_bundle, verify_signature
 from agent.bundles.download import download_bundle, download_paths
 from agent.errors import BundleBusyError, BundleDownloadError
 from engines import fetch
@@ -30,88 +31,13 @@ BODY = os.urandom(1_000_000)  # what the device downloads; its content does not 
 LIMIT = 4_000_000
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.files: dict[str, bytes] = {"/b.bundle": BODY}
-        self.honour_range = True
-        self.send_length = True
-        self.announce: int | None = None  # a Content-Length that is not the body's (a lie)
-        self.drops: list[int] = []  # per request, in turn: body bytes sent before hanging up
-        self.statuses: list[int] = []  # per request, in turn: answer this status instead
-        self.delay_s = 0.0
-        self.chunk = 32 * 1024
-        self.requests: list[str | None] = []  # the Range header of each GET
-        self.stop = threading.Event()
-
-    def url(self, path: str = "/b.bundle") -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: Server
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        srv = self.server
-        wanted = self.headers.get("Range")
-        srv.requests.append(wanted)
-        if srv.statuses:
-            self.send_error(srv.statuses.pop(0))
-            return
-        if self.path not in srv.files:
-            self.send_error(404)
-            return
-        body = srv.files[self.path]
-        start = 0
-        if wanted and srv.honour_range:
-            start = int(wanted.removeprefix("bytes=").split("-")[0])
-            if start >= len(body):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(body)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            self.send_response(200)
-        if srv.send_length:
-            length = srv.announce if srv.announce is not None else len(body) - start
-            self.send_header("Content-Length", str(length))
-        self.end_headers()
-        end = start + srv.drops.pop(0) if srv.drops else len(body)
-        try:
-            for offset in range(start, end, srv.chunk):
-                self.wfile.write(body[offset : min(offset + srv.chunk, end)])
-                if srv.delay_s and srv.stop.wait(srv.delay_s):
-                    return
-        except (BrokenPipeError, ConnectionResetError):
-            return  # the client went away (killed): fine
-        self.close_connection = True
-
-
 @pytest.fixture
-def server() -> Iterator[Server]:
-    srv = Server()
-    thread = threading.Thread(
-        target=srv.serve_forever, kwargs={"poll_interval": 0.05}, name="test-http", daemon=True
-    )
-    thread.start()
-    try:
+def server() -> Iterator[BundleServer]:
+    with serving({"/b.bundle": BODY}) as srv:
         yield srv
-    finally:
-        srv.stop.set()
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=10)
 
 
-def _download(srv: Server, dest: Path, **kwargs: object) -> Path:
+def _download(srv: BundleServer, dest: Path, **kwargs: object) -> Path:
     options: dict[str, object] = {"max_bytes": LIMIT, "timeout": 10.0, "backoff_s": 0.01}
     options.update(kwargs)
     return download_bundle(srv.url(), dest, **options)  # type: ignore[arg-type]
@@ -121,7 +47,7 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_download_writes_the_file_under_the_url_key(server: Server, tmp_path: Path) -> None:
+def test_download_writes_the_file_under_the_url_key(server: BundleServer, tmp_path: Path) -> None:
     seen: list[tuple[int, int | None]] = []
     path = _download(server, tmp_path / "dl", progress=lambda d, t: seen.append((d, t)))
     key = hashlib.sha256(server.url().encode()).hexdigest()[:16]
@@ -133,14 +59,18 @@ def test_download_writes_the_file_under_the_url_key(server: Server, tmp_path: Pa
     assert server.requests == [None]
 
 
-def test_dropped_connection_is_resumed_within_the_call(server: Server, tmp_path: Path) -> None:
+def test_dropped_connection_is_resumed_within_the_call(
+    server: BundleServer, tmp_path: Path
+) -> None:
     server.drops = [300_000, 250_000]
     path = _download(server, tmp_path)
     assert path.read_bytes() == BODY
     assert server.requests == [None, "bytes=300000-", "bytes=550000-"]
 
 
-def test_no_progress_gives_up_and_the_next_call_resumes(server: Server, tmp_path: Path) -> None:
+def test_no_progress_gives_up_and_the_next_call_resumes(
+    server: BundleServer, tmp_path: Path
+) -> None:
     server.drops = [200_000, 0, 0]
     with pytest.raises(BundleDownloadError) as info:
         _download(server, tmp_path, attempts_without_progress=2)
@@ -157,7 +87,9 @@ def test_no_progress_gives_up_and_the_next_call_resumes(server: Server, tmp_path
     assert server.requests == [None, *["bytes=200000-"] * 3]
 
 
-def test_resume_after_the_downloading_process_is_killed(server: Server, tmp_path: Path) -> None:
+def test_resume_after_the_downloading_process_is_killed(
+    server: BundleServer, tmp_path: Path
+) -> None:
     server.delay_s = 0.02  # ~1.6 MB/s: the child is still downloading when it is killed
     partial, final = download_paths(server.url(), tmp_path)
     script = (
@@ -194,7 +126,7 @@ def test_resume_after_the_downloading_process_is_killed(server: Server, tmp_path
 
 
 def test_content_length_over_the_limit_is_refused_before_downloading(
-    server: Server, tmp_path: Path
+    server: BundleServer, tmp_path: Path
 ) -> None:
     with pytest.raises(BundleDownloadError) as info:
         _download(server, tmp_path, max_bytes=len(BODY) - 1)
@@ -206,7 +138,9 @@ def test_content_length_over_the_limit_is_refused_before_downloading(
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == []
 
 
-def test_body_running_past_the_limit_is_aborted_and_removed(server: Server, tmp_path: Path) -> None:
+def test_body_running_past_the_limit_is_aborted_and_removed(
+    server: BundleServer, tmp_path: Path
+) -> None:
     server.send_length = False  # no Content-Length: the limit is only seen while reading
     with pytest.raises(BundleDownloadError) as info:
         _download(server, tmp_path, max_bytes=500_000)
@@ -217,14 +151,14 @@ def test_body_running_past_the_limit_is_aborted_and_removed(server: Server, tmp_
 
 
 def test_body_without_length_is_complete_when_the_server_ends_it(
-    server: Server, tmp_path: Path
+    server: BundleServer, tmp_path: Path
 ) -> None:
     server.send_length = False
     assert _download(server, tmp_path).read_bytes() == BODY
 
 
 def test_content_length_larger_than_the_body_is_resumed_to_the_real_end(
-    server: Server, tmp_path: Path
+    server: BundleServer, tmp_path: Path
 ) -> None:
     # The server announces more than it has, then hangs up: an early end each time; the
     # resume at the real end is answered 416 with the real length, so the file is complete
@@ -234,14 +168,14 @@ def test_content_length_larger_than_the_body_is_resumed_to_the_real_end(
     assert server.requests == [None, f"bytes={len(BODY)}-"]
 
 
-def test_server_ignoring_range_restarts_from_zero(server: Server, tmp_path: Path) -> None:
+def test_server_ignoring_range_restarts_from_zero(server: BundleServer, tmp_path: Path) -> None:
     server.honour_range = False
     server.drops = [400_000]
     assert _download(server, tmp_path).read_bytes() == BODY
     assert server.requests == [None, "bytes=400000-"]
 
 
-def test_http_404_is_one_line_and_not_retried(server: Server, tmp_path: Path) -> None:
+def test_http_404_is_one_line_and_not_retried(server: BundleServer, tmp_path: Path) -> None:
     with pytest.raises(BundleDownloadError) as info:
         download_bundle(server.url("/missing.bundle"), tmp_path, max_bytes=LIMIT, timeout=10)
     message = str(info.value)
@@ -251,7 +185,7 @@ def test_http_404_is_one_line_and_not_retried(server: Server, tmp_path: Path) ->
     assert server.requests == [None]
 
 
-def test_http_503_is_retried(server: Server, tmp_path: Path) -> None:
+def test_http_503_is_retried(server: BundleServer, tmp_path: Path) -> None:
     server.statuses = [503, 503]
     assert _download(server, tmp_path).read_bytes() == BODY
     assert server.requests == [None, None, None]
@@ -276,7 +210,7 @@ def test_not_an_http_url_is_refused(tmp_path: Path) -> None:
         download_bundle("ftp://example.com/b.bundle", tmp_path, max_bytes=LIMIT, timeout=5)
 
 
-def test_a_second_download_of_the_same_url_is_busy(server: Server, tmp_path: Path) -> None:
+def test_a_second_download_of_the_same_url_is_busy(server: BundleServer, tmp_path: Path) -> None:
     partial, _ = download_paths(server.url(), tmp_path)
     with (
         fetch.exclusive_lock(partial.with_suffix(".lock"), "held by the test"),
@@ -286,3 +220,31 @@ def test_a_second_download_of_the_same_url_is_busy(server: Server, tmp_path: Pat
     assert info.value.reason == "busy"
     assert server.requests == []
     assert _download(server, tmp_path).read_bytes() == BODY
+
+
+def test_a_real_bundle_resumed_after_a_drop_verifies(
+    bundle_keys: BundleKeys, tmp_path: Path
+) -> None:
+    model = os.urandom(600_000)
+    bundle = make_bundle(
+        tmp_path / "street-1.2.0.bundle",
+        {"models/m.onnx": model, "config/agent.toml": b'device_id = "cam-1"\n'},
+        version="1.2.0",
+        key=bundle_keys.key,
+    )
+    data = bundle.read_bytes()
+    with serving({"/street-1.2.0.bundle": data}) as srv:
+        srv.drops = [len(data) // 2]
+        path = download_bundle(
+            srv.url("/street-1.2.0.bundle"),
+            tmp_path / "dl",
+            max_bytes=LIMIT,
+            timeout=10,
+            backoff_s=0.01,
+        )
+        assert srv.requests == [None, f"bytes={len(data) // 2}-"]
+    with open_bundle(path) as reader:
+        assert verify_signature(reader, bundle_keys.trusted) == "release"
+        assert reader.manifest.version == "1.2.0"
+        reader.extract_to(tmp_path / "files")
+    assert (tmp_path / "files" / "models" / "m.onnx").read_bytes() == model
