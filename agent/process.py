@@ -12,7 +12,11 @@ caller, see ``agent.configfile.load_config``):
 5. **model store** — open the model store under the state directory;
 6. **pipelines** — build and start each pipeline; one that fails is recorded with its reason
    code and the agent runs *degraded* while the others keep going;
-7. **ready** — ``READY=1`` to systemd, state ``ready`` (or ``degraded``).
+7. **ready** — ``READY=1`` to systemd, state ``ready`` (or ``degraded``);
+8. **health gate** — only for a bundle version on trial (``EDGE_AGENT_SLOT`` names a pending
+   slot, see ``agent.bundles.gate``): a thread self-tests the pipelines and runs the bundle's
+   post-install check, then commits the version, or records the failure and restarts (exit 75)
+   so the launcher rolls back.
 
 Each completed step leaves an undo action; ``stop()`` runs them in reverse, each bounded by
 ``stop_timeout_s`` (an overrun is logged and abandoned). A failed step undoes the steps before
@@ -73,6 +77,7 @@ from pipelines.errors import PipelineConfigError, PipelineError, SourceOpenError
 from pipelines.feed import ResultTee
 
 if TYPE_CHECKING:
+    from agent.bundles.gate import HealthGate
     from agent.mqtt_config import MqttConfig
     from agent.pinning import PinningPlan
     from agent.reporting.local_broker import LocalBroker
@@ -84,6 +89,7 @@ __all__ = [
     "Agent",
     "AgentState",
     "AgentStatus",
+    "BundleStatus",
     "FailedModel",
     "PipelineEntry",
     "agent_version",
@@ -143,6 +149,15 @@ class AgentStatus(TypedDict):
     pipelines: list[PipelineEntry]
     failed_models: list[FailedModel]
     reporters: dict[str, Any]
+    bundle: BundleStatus
+
+
+class BundleStatus(TypedDict):
+    slot: str | None
+    """The bundle slot this agent runs from (None: the factory install)."""
+    version: str | None
+    pending: bool
+    """The version is on trial: its health gate has not committed it yet."""
 
 
 def agent_version() -> str:
@@ -223,6 +238,8 @@ class Agent:
         """Put in front of the sink for pipelines: their results also feed other pipelines
         (the LLM narrator watches the vision detections)."""
         self.add_command_hook(self._register_llm_commands)
+        self._bundle = BundleStatus(slot=None, version=None, pending=False)
+        self._gate: HealthGate | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -247,6 +264,8 @@ class Agent:
         self._step("model store", self._open_model_store)
         self._step("pipelines", self._start_pipelines)
         self._become_ready()
+        if self._bundle["pending"]:  # a bundle version on trial
+            self._step("health gate", self._start_health_gate)
 
     def request_stop(self) -> None:
         """Ask the agent to stop (safe from a signal handler: it only sets the stop event)."""
@@ -344,8 +363,96 @@ class Agent:
                 f"state directory {path} is not writable: {exc.strerror} — {hint}"
             ) from exc
         self._state_dir = path
+        self._bundle = self._read_bundle_slot(path)
         self._write_status_file(self.status())
         return None
+
+    def _read_bundle_slot(self, state_dir: Path) -> BundleStatus:
+        """The bundle slot this agent was started from (``EDGE_AGENT_SLOT``) and its version."""
+        from agent.bundles.boot import SLOT_ENV  # noqa: PLC0415
+        from agent.bundles.slots import SlotStore, parse_slot  # noqa: PLC0415
+
+        slot = self._env.get(SLOT_ENV)
+        if not slot:
+            return BundleStatus(slot=None, version=None, pending=False)
+        name = parse_slot(slot)
+        if name is None:
+            raise StartupError(f"{SLOT_ENV}={slot!r} is not a bundle slot (a or b)")
+        store = SlotStore(state_dir)
+        record = store.installed(name)
+        pending = store.read_state().pending
+        return BundleStatus(
+            slot=slot,
+            version=None if record is None else record.version,
+            pending=pending is not None and pending.slot == slot,
+        )
+
+    def _start_health_gate(self) -> tuple[Callable[[], None], float] | None:
+        """For a bundle version on trial: the health gate thread (see ``agent.bundles.gate``)."""
+        bundle = self._bundle
+        if not bundle["pending"] or self._state_dir is None or bundle["slot"] is None:
+            return None
+        from agent.bundles.gate import HealthGate  # noqa: PLC0415
+        from agent.bundles.slots import SlotStore  # noqa: PLC0415
+
+        store = SlotStore(self._state_dir)
+        pending = store.read_state().pending
+        if pending is None or pending.slot != bundle["slot"]:
+            return None
+        gate = HealthGate(
+            store,
+            pending.slot,
+            pending.version,
+            self.config.bundles,
+            self_test=self._bundle_self_test,
+            on_committed=self._bundle_committed,
+            on_failed=self._bundle_failed,
+            first_boot_at=pending.first_boot_at,
+        )
+        gate.start(self.stop_event)
+        self._gate = gate
+
+        def join() -> None:
+            if not gate.join(self.config.stop_timeout_s):
+                _log.warning("health gate did not end within %.1f s", self.config.stop_timeout_s)
+
+        return join, self.config.stop_timeout_s
+
+    def _bundle_self_test(self) -> tuple[list[str], bool]:
+        """The gate's self-test: (problems, fatal); every pipeline running with a recent
+        heartbeat (one that finished its bounded input passes), none failed."""
+        workers: dict[str, dict[str, Any]] = self.watchdog.status()["workers"]
+        problems: list[str] = []
+        fatal = False
+        with self._lock:
+            slots = list(self._slots)
+        for slot in slots:
+            name = slot.config.name
+            if slot.failed:
+                why = reason_code(slot.error) if slot.error is not None else "failed at run time"
+                problems.append(f"pipeline {name} failed [{why}]")
+                fatal = True
+            elif slot.last_state == "finished":
+                continue
+            elif slot.last_state != "running":
+                problems.append(f"pipeline {name} is {slot.last_state}")
+            elif not any(
+                w["beats"] > 0 and w["age_s"] <= w["interval_s"]
+                for n, w in workers.items()
+                if n.startswith(f"{name}/")
+            ):
+                problems.append(f"pipeline {name} has no recent heartbeat")
+        return problems, fatal
+
+    def _bundle_committed(self) -> None:
+        with self._lock:
+            self._bundle = BundleStatus(
+                slot=self._bundle["slot"], version=self._bundle["version"], pending=False
+            )
+        self._refresh_state(f"bundle version {self._bundle['version']} committed")
+
+    def _bundle_failed(self, reason: str) -> None:
+        self.request_restart(f"bundle version {self._bundle['version']} failed: {reason}")
 
     def add_command_hook(self, hook: Callable[[CommandRegistry], None]) -> None:
         """More MQTT commands (e.g. ``llm.*``): ``hook(registry)`` runs in the reporting step,
@@ -943,6 +1050,7 @@ class Agent:
                 pipelines=pipelines,
                 failed_models=failed_models,
                 reporters=self._sink.reporter_status() if self._sink is not None else {},
+                bundle=BundleStatus(**self._bundle),
             )
 
     def _set_state(self, state: AgentState, text: str, *, ready: bool = False) -> None:

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO
 
+from agent.bundles.boot import SLOT_ENV, exec_slot, mark_failed, select
+from agent.bundles.slots import SlotStore, parse_slot
+from agent.cli.live_view import (
+    LiveView,
+    live_view_problem,
+    start_live_view,
+    wants_live_view,
+    without_stdout_jsonl,
+)
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig
 from agent.configfile import load_config, resolve_config_path
 from agent.defaults import default_config
-from agent.process import Agent
+from agent.errors import reason_code
+from agent.process import RESTART_EXIT_STATUS, Agent, resolve_state_dir
 from pipelines.config import VisionPipelineConfig
 
 __all__ = ["register", "run_agent"]
@@ -35,10 +47,16 @@ def register(sub: Any) -> None:
         "Results and status go to standard output as JSON Lines; logs go to standard error. "
         "On the embedded defaults the agent also starts a private mosquitto on 127.0.0.1 (when "
         "the mosquitto binary is installed) and reports to it over MQTT; its port is logged.\n\n"
+        "On a terminal (standard output a TTY) with that broker running, the JSON Lines give "
+        "way to a live view read back from the broker like any MQTT client: a line a second "
+        "with frames/s and detections/s per vision pipeline and the latest telemetry, a line "
+        "per LLM narrator report, a line per status change (--view chooses).\n\n"
         "Exit status: 0 after a stop, 75 after an agent.restart command (systemd's "
         "Restart=on-failure then starts the agent again), 1 on a failure.",
         epilog="Examples:\n"
         "  edge-agent run                                   # embedded defaults\n"
+        "  edge-agent run --view json | jq .topic           # JSON Lines even on a terminal\n"
+        "  edge-agent run --view live --config my.toml      # live view of a config's pipelines\n"
         "  edge-agent run --config /etc/edge-agent/agent.toml\n"
         "  edge-agent run --frames 100 | head               # stop after 100 frames per pipeline\n"
         "  edge-agent run --duration 30 --config my.toml    # stop after 30 s",
@@ -55,6 +73,15 @@ def register(sub: Any) -> None:
         "--no-local-broker",
         action="store_true",
         help="on the embedded defaults, do not start a local mosquitto for MQTT reporting",
+    )
+    p.add_argument(
+        "--view",
+        choices=("auto", "live", "json"),
+        default="auto",
+        help="what standard output shows: json = a JSON line per result; live = the live view "
+        "read back from the local MQTT broker (also starts that broker for a --config without "
+        "[reporting.mqtt]); auto (default) = live on a terminal when the local broker runs, "
+        "else json",
     )
     bound = p.add_mutually_exclusive_group()
     bound.add_argument(
@@ -99,14 +126,66 @@ def _run(args: argparse.Namespace) -> int:
     config = default_config() if embedded else load_config(path)
     if not args.debug:
         logging.getLogger().setLevel(config.log_level.upper())
+    slot = os.environ.get(SLOT_ENV)
+    if not slot:
+        _boot_bundle_slot(config, path, args)  # returns only for the factory install
     if args.frames is not None:
         config = _with_max_frames(config, args.frames)
-    return run_agent(
-        config,
-        duration_s=args.duration,
-        until_finished=args.frames is not None,
-        local_broker=embedded and not args.no_local_broker and config.reporting.mqtt is None,
+    local_broker = embedded and not args.no_local_broker and config.reporting.mqtt is None
+    live = wants_live_view(args.view, local_broker)
+    if live:
+        problem = live_view_problem(config, args.no_local_broker)
+        if problem is not None:
+            print(f"edge-agent run: --view live: {problem}", file=sys.stderr)
+            return 2
+        config = without_stdout_jsonl(config)
+    try:
+        return run_agent(
+            config,
+            duration_s=args.duration,
+            until_finished=args.frames is not None,
+            local_broker=local_broker or live,
+            live_view=sys.stdout if live else None,
+        )
+    except Exception as exc:
+        if slot and _pending_start_failed(config, slot, exc):
+            print(f"edge-agent: error [{reason_code(exc)}]: {exc}", file=sys.stderr)
+            return RESTART_EXIT_STATUS
+        raise
+
+
+def _boot_bundle_slot(config: AgentConfig, path: Path | None, args: argparse.Namespace) -> None:
+    """The launcher: pick the bundle slot to boot (``agent.bundles.boot.select``) and exec its
+    agent; return when the factory install (this process) is the one to run."""
+    state_dir = resolve_state_dir(config, os.environ)
+    choice = select(config.bundles, state_dir)
+    if choice.slot is None:
+        return
+    run_args: list[str] = []
+    if args.no_local_broker:
+        run_args.append("--no-local-broker")
+    if args.frames is not None:
+        run_args += ["--frames", str(args.frames)]
+    if args.duration is not None:
+        run_args += ["--duration", str(args.duration)]
+    exec_slot(
+        SlotStore(state_dir),
+        choice.slot,
+        state_dir=state_dir,
+        config_path=path,
+        run_args=run_args,
+        global_args=["--debug"] if args.debug else [],
     )
+
+
+def _pending_start_failed(config: AgentConfig, slot: str, exc: Exception) -> bool:
+    """A start failure of a bundle version on trial: recorded as its failure (the next boot
+    rolls back); True when it was on trial."""
+    name = parse_slot(slot)
+    if name is None:
+        return False
+    store = SlotStore(resolve_state_dir(config, os.environ))
+    return mark_failed(store, name, f"start failed [{reason_code(exc)}]: {exc}")
 
 
 def _with_max_frames(config: AgentConfig, frames: int) -> AgentConfig:
@@ -125,11 +204,14 @@ def run_agent(
     duration_s: float | None = None,
     until_finished: bool = False,
     local_broker: bool = False,
+    live_view: TextIO | None = None,
 ) -> int:
     """Start the agent, supervise until SIGTERM/SIGINT, a bound or agent.restart, stop it; the
     exit status (``agent.process.RESTART_EXIT_STATUS`` after agent.restart). ``local_broker``:
-    start a private mosquitto when no MQTT broker is configured (see ``agent.process``)."""
+    start a private mosquitto when no MQTT broker is configured (see ``agent.process``).
+    ``live_view``: write the live view of that broker there (``agent.cli.live_view``)."""
     agent = Agent(config, local_broker=local_broker)
+    view: LiveView | None = None
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         # only sets the stop event: safe at any point of the main thread
@@ -144,9 +226,13 @@ def run_agent(
     try:
         try:
             agent.start()
+            if live_view is not None and not agent.stop_event.is_set():
+                view = start_live_view(agent.local_broker, agent.config.device_id, live_view)
             agent.run(duration_s=duration_s, until_finished=until_finished)
         finally:
             agent.stop()
+            if view is not None:  # after the stop: the view shows the last status too
+                view.close()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
