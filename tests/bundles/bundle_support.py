@@ -255,8 +255,9 @@ def resigned(
     return _rewrite(src, dst, edit)
 
 
-def with_extra_member(src: Path, dst: Path, name: str, data: bytes = b"extra", *,
-                      at: int | None = None) -> Path:  # fmt: skip
+def with_extra_member(
+    src: Path, dst: Path, name: str, data: bytes = b"extra", *, at: int | None = None
+) -> Path:
     """``src`` plus a regular member ``name`` (not in the manifest), at index ``at`` (end)."""
 
     def edit(members: list[RawMember]) -> list[RawMember]:
