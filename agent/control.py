@@ -13,6 +13,9 @@ MQTT runtime starts (``Agent._open_mqtt``), next to the built-in ``status.get``/
                                                                             pipeline: swap its model
     model.unload     critical  no    name                                   stop its pipelines
     agent.restart    critical  no    [reason]                               graceful stop, exit 75
+    bundle.install   critical  yes   url | path [, allow_downgrade]         install a signed bundle,
+                                                                            exit 75 (agent.bundles.
+                                                                            command)
 
 Critical commands must be signed (``reporting.mqtt.commands.signed_classes``). Long commands
 answer ``accepted`` first, then ``progress`` replies, then their one terminal reply. In
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
+from agent.bundles.command import register_bundle_commands
 from agent.commands.registry import CommandContext, CommandRegistry, CommandSpec
 from engines.configbase import StrictModel
 from pipelines.base import NAME_PATTERN
@@ -106,7 +110,8 @@ class RestartArgs(StrictModel):
 
 
 def register_agent_commands(registry: CommandRegistry, agent: Agent) -> None:
-    """Register pipeline.*, model.* and agent.restart (see the module docstring)."""
+    """Register pipeline.*, model.*, agent.restart and bundle.install (see the module
+    docstring)."""
 
     def pipeline_start(ctx: CommandContext) -> dict[str, Any]:
         return agent.start_pipeline(ctx.args.name, ctx.progress)
@@ -174,3 +179,4 @@ def register_agent_commands(registry: CommandRegistry, agent: Agent) -> None:
     ]
     for spec in specs:
         registry.register(spec)
+    register_bundle_commands(registry, agent)
