@@ -121,6 +121,8 @@ class LocalBroker:
             password_file=self.folder / "agent.password",
             reconnect_min_s=0.2,
             reconnect_max_s=2.0,
+            # a loopback demo broker: telemetry soon after the start (the live view shows it)
+            telemetry_interval_s=2.0,
         )
 
     def start(self, timeout_s: float = 10.0, attempts: int = 3) -> None:

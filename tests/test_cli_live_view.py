@@ -1,0 +1,267 @@
+"""The live view of ``edge-agent run`` (``agent.cli.live_view``): real runs with the local
+mosquitto, the real detector on the street video and SmolLM2's narrator; the view is an MQTT
+client of that broker, so what it prints has come over MQTT. Ctrl-C is a real one: the byte
+0x03 typed into the agent's terminal, turned into SIGINT by the kernel's tty driver."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from agent_process_support import ROOT, AgentProcess, base_env
+
+from agent import configfile
+from agent.cli.live_view import format_telemetry
+from agent.reporting.local_broker import find_mosquitto
+from agent.reporting.messages import SystemTelemetry, ThermalZone
+
+STATUS_LINE = re.compile(
+    r"^\d\d:\d\d:\d\d street (\d+\.\d) fps (\d+) det/s \[[^\]]*\] \| (.*) \| (\d+) msg/s$"
+)
+HEADER = re.compile(r"live view: subscribed to edge/[^/]+/# on MQTT 127\.0\.0\.1:(\d+)")
+BROKER_LOG = re.compile(r"local MQTT broker on 127\.0\.0\.1:(\d+)")
+TELEMETRY = re.compile(r"temp (n/a|\d+\.\d°C), load \d+\.\d\d, agent \d+% CPU \d+ MB")
+NARRATOR = re.compile(r"^\d\d:\d\d:\d\d narrator \(assistant\): \S")
+
+
+@pytest.fixture
+def mosquitto() -> Path:
+    binary = find_mosquitto()
+    if binary is None:
+        pytest.fail("mosquitto is not installed (apt-get install mosquitto; ./bootstrap does)")
+    return binary
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_lines(
+    lines: Callable[[], list[str]], done: Callable[[list[str]], bool], timeout_s: float
+) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        seen = lines()
+        if done(seen):
+            return seen
+        time.sleep(0.1)
+    return lines()
+
+
+# -- the figures of a telemetry message ------------------------------------------------------
+
+
+def test_telemetry_shows_the_cpu_zone_load_agent_cpu_and_throttling() -> None:
+    system = SystemTelemetry(
+        rss_bytes=312_000_000,
+        cpu_percent=91.6,
+        load_avg_1m=1.434,
+        thermal=[
+            ThermalZone(name="thermal_zone0", type="GPU-therm", temp_c=60.5),
+            ThermalZone(name="thermal_zone1", type="CPU-therm", temp_c=51.25),
+        ],
+        throttling={"currently_throttled": True, "under_voltage": False},
+    ).model_dump(mode="json")
+    assert format_telemetry(system) == (
+        "temp 51.2°C, load 1.43, agent 92% CPU 312 MB, throttling ['currently_throttled']"
+    )
+    bare = SystemTelemetry(rss_bytes=0, cpu_percent=0, load_avg_1m=0.5).model_dump(mode="json")
+    assert format_telemetry(bare) == "temp n/a, load 0.50, agent 0% CPU 0 MB"
+
+
+# -- a real run: detections, narrator and telemetry arriving over MQTT -----------------------
+
+
+def _config(folder: Path) -> Path:
+    path = folder / "agent.toml"
+    path.write_text(
+        f'state_dir = "{folder / "state"}"\n'
+        "[[pipelines]]\n"
+        'type = "vision"\nname = "street"\nmodel = "yolox_nano_416"\n'
+        'engine = { type = "onnxruntime", intra_op_threads = 1 }\n'
+        'sources = [{ type = "file", path = "bikes-video", loop = true, realtime = true }]\n'
+        "[[pipelines]]\n"
+        'type = "llm"\nname = "assistant"\nmodel = "smollm2-135m-instruct-q4_1"\n'
+        "engine = { n_ctx = 1024, threads = 1, batch_threads = 1 }\n"
+        'narrator = { interval_s = 1, pipelines = ["street"], max_tokens = 24 }\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_live_view_shows_mqtt_detections_narrator_and_telemetry(
+    mosquitto: Path, tmp_path: Path, model_search_path: str, data_dir: Path
+) -> None:
+    del mosquitto  # required: --view live starts the local broker
+    env = base_env(EDGE_AGENT_MODEL_PATH=model_search_path, EDGE_AGENT_DATA_PATH=str(data_dir))
+    agent = AgentProcess(["run", "--config", str(_config(tmp_path)), "--view", "live"], env)
+    try:
+
+        def complete(lines: list[str]) -> bool:
+            status = [m for m in map(STATUS_LINE.match, lines) if m]
+            return any(float(m[1]) > 0 and TELEMETRY.fullmatch(m[3]) for m in status) and any(
+                NARRATOR.match(line) for line in lines
+            )
+
+        lines = _wait_lines(lambda: list(agent.stdout), complete, 120)
+        assert complete(lines), (lines[-5:], agent.stderr[-5:])
+        record = json.loads((tmp_path / "state" / "local-broker.json").read_text())
+        agent.signal(signal.SIGINT)
+        assert agent.wait() == 0
+    finally:
+        agent.kill()
+    assert not any("Traceback" in line for line in agent.stderr), agent.stderr
+    # the view read the agent's own broker ...
+    header = next(m for m in map(HEADER.search, agent.stdout) if m)
+    broker = next(m for m in map(BROKER_LOG.search, agent.stderr) if m)
+    assert header[1] == broker[1]
+    # ... and nothing else wrote to stdout: no JSON Lines reporter, every line the view's
+    assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in agent.stdout), agent.stdout[:3]
+    detected = [m for m in map(STATUS_LINE.match, agent.stdout) if m and int(m[2]) > 0]
+    assert detected, agent.stdout[-5:]
+    assert any(
+        "status: online (agent ready; street running, assistant running)" in line
+        for line in agent.stdout
+    )
+    assert "offline" in next(line for line in reversed(agent.stdout) if " status: " in line)
+    # the broker went with the agent
+    assert not _alive(int(record["pid"]))
+
+
+def test_live_view_without_the_local_broker_is_one_clear_line(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'state_dir = "{tmp_path / "state"}"\n'
+        '[reporting.mqtt]\nhost = "mqtt.example.org"\nport = 8883\n',
+        encoding="utf-8",
+    )
+    for args, needle in (
+        (["--config", str(config)], "reports to MQTT mqtt.example.org:8883"),
+        (["--no-local-broker"], "drop --no-local-broker"),
+    ):
+        agent = AgentProcess(["run", *args, "--view", "live"], base_env())
+        assert agent.wait() == 2
+        assert agent.stderr == [agent.stderr[-1]]
+        assert agent.stderr[-1].startswith("edge-agent run: --view live: "), agent.stderr
+        assert needle in agent.stderr[-1]
+    assert not (tmp_path / "state").exists()
+
+
+# -- Ctrl-C in a terminal, on the embedded defaults (the README's run command) ---------------
+
+
+class Terminal:
+    """``python -m agent ...`` on a fresh pseudo-terminal that is its controlling terminal
+    (its own session, like a login shell's foreground job)."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        master, slave = pty.openpty()
+        self.master = master
+        self.output = b""
+
+        def make_controlling_tty() -> None:  # in the child, after setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", *args],
+            cwd=ROOT,
+            env=env,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+            preexec_fn=make_controlling_tty,  # noqa: PLW1509 - nothing else runs in the child
+        )
+        os.close(slave)
+
+    def read(self, timeout_s: float = 0.2) -> str:
+        """What the terminal has shown so far (reads what is waiting)."""
+        while select.select([self.master], [], [], timeout_s)[0]:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            self.output += data
+            timeout_s = 0.0
+        return self.output.decode(errors="replace").replace("\r\n", "\n")
+
+    def type(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def wait(self, timeout_s: float) -> int:
+        deadline = time.monotonic() + timeout_s
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.read()
+        self.read(0.0)
+        return self.proc.wait(max(0.0, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        os.close(self.master)
+
+
+@pytest.fixture
+def terminal_env(tmp_path: Path, model_search_path: str, data_dir: Path) -> dict[str, str]:
+    if configfile.DEFAULT_CONFIG_PATH.exists():
+        pytest.skip(f"{configfile.DEFAULT_CONFIG_PATH} exists: `run` would not use the defaults")
+    return base_env(
+        STATE_DIRECTORY=str(tmp_path / "state"),
+        EDGE_AGENT_MODEL_PATH=model_search_path,
+        EDGE_AGENT_DATA_PATH=str(data_dir),
+    )
+
+
+@pytest.fixture
+def terminals() -> Iterator[list[Terminal]]:
+    opened: list[Terminal] = []
+    yield opened
+    for terminal in opened:
+        terminal.close()
+
+
+def test_ctrl_c_in_a_terminal_stops_the_whole_product_with_exit_0(
+    mosquitto: Path, terminal_env: dict[str, str], tmp_path: Path, terminals: list[Terminal]
+) -> None:
+    del mosquitto
+    term = Terminal(["run"], terminal_env)
+    terminals.append(term)
+
+    def shows_detections(text: str) -> bool:
+        return any((m := STATUS_LINE.match(line)) and float(m[1]) > 0 for line in text.split("\n"))
+
+    deadline = time.monotonic() + 90
+    while not shows_detections(term.read()) and time.monotonic() < deadline:
+        assert term.proc.poll() is None, term.read()[-2000:]
+    screen = term.read()
+    assert shows_detections(screen), screen[-2000:]
+    # a terminal gets the live view, not JSON Lines
+    assert not any(line.startswith("{") for line in screen.split("\n")), screen[-2000:]
+    record = json.loads((tmp_path / "state" / "local-broker.json").read_text())
+
+    term.type(b"\x03")  # Ctrl-C
+    assert term.wait(60) == 0, term.read()[-2000:]
+    screen = term.read()
+    assert "Traceback" not in screen, screen
+    assert "agent.cli.run_cmd: agent stopped" in screen
+    assert not _alive(int(record["pid"]))
+    status = json.loads((tmp_path / "state" / "status.json").read_text())
+    assert status["state"] == "stopped"
