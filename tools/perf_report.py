@@ -659,7 +659,7 @@ def run_bench(
         outcome.returncode = proc.wait(timeout_s)
     except subprocess.TimeoutExpired:
         _stop_group(proc)
-        outcome.error = f"timed out after {timeout_s:.0f} s (--timeout) and was stopped"
+        outcome.error = f"timed out after {timeout_s:g} s (--timeout) and was stopped"
     except KeyboardInterrupt:
         _stop_group(proc)
         raise
