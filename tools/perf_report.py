@@ -597,6 +597,11 @@ class Outcome:
     def ok(self) -> bool:
         return self.error is None
 
+    def display_command(self) -> str:
+        """The command as a person types it in the repository (paths relative to it)."""
+        args = [arg.removeprefix(f"{ROOT}{os.sep}") for arg in self.command[1:]]
+        return shlex.join(["python", *args])
+
 
 def _stream(proc: subprocess.Popen[str], name: str, log: Path, tail: deque[str]) -> None:
     """Copies the child's output to the terminal (prefixed) and to its log file."""
@@ -951,7 +956,7 @@ def write_markdown(
     lines.append("")
     for outcome in outcomes:
         bench = outcome.bench
-        display = shlex.join(["python", *outcome.command[1:]])
+        display = outcome.display_command()
         lines += [
             f"## {bench.title} ({bench.name})",
             "",
@@ -1163,7 +1168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmarks": [
             {
                 "name": o.bench.name,
-                "command": shlex.join(["python", *o.command[1:]]),
+                "command": o.display_command(),
                 "seconds": round(o.seconds, 1),
                 "ok": o.ok,
                 "error": o.error,
