@@ -139,7 +139,7 @@ def load_private_key(path: Path) -> SigningKey:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise BundleSignatureError(
-            f"signing key {path} is not an unencrypted PEM private key ({exc}); "
+            f"signing key {path} is not an unencrypted PEM private key; "
             "give the .key file that `bundle keys generate` wrote, not the .pub"
         ) from exc
     if not isinstance(key, Ed25519PrivateKey):
@@ -178,6 +178,11 @@ def parse_signature(data: bytes, *, source: str = "manifest.sig") -> BundleSigna
 
 def load_trusted_keys(directory: Path) -> TrustedKeys:
     """The trusted keys in ``directory``; BundleSignatureError when there are none to trust."""
+    if not directory.is_dir():
+        raise BundleSignatureError(
+            f"trusted bundle keys folder {directory} does not exist: create it and copy the "
+            "release key's .pub there (bundles.trusted_keys_dir)"
+        )
     try:
         trusted = TrustedKeys(directory)
     except TrustedKeyError as exc:

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from agent.cli import config_cmd, info_cmd, models_cmd, run_cmd
+from agent.cli import bundle_cmd, config_cmd, info_cmd, models_cmd, run_cmd
 from agent.errors import ConfigError, PinningError, reason_code
 
 __all__ = ["main"]
@@ -24,7 +24,7 @@ EXIT_CONFIG = 78
 """sysexits' EX_CONFIG: the unit's RestartPreventExitStatus=78 stops systemd retrying a config
 that cannot start (bad keys, CPUs outside the allowed set): the first failure is final."""
 
-_SUBCOMMANDS = (run_cmd, config_cmd, info_cmd, models_cmd)
+_SUBCOMMANDS = (run_cmd, config_cmd, info_cmd, models_cmd, bundle_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

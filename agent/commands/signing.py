@@ -103,7 +103,7 @@ class TrustedKeys:
             if path.suffix in (".pub", ".pem") and path.is_file():
                 keys[path.stem] = _load_key(path)
         self._keys = keys
-        _log.info("trusted command keys: %s", ", ".join(sorted(keys)) or "(none)")
+        _log.info("trusted keys in %s: %s", self.directory, ", ".join(sorted(keys)) or "(none)")
 
     @property
     def key_ids(self) -> list[str]:
