@@ -25,7 +25,8 @@ from agent_process_support import ROOT, AgentProcess, base_env
 from agent import configfile
 from agent.cli.live_view import format_telemetry
 from agent.reporting.local_broker import find_mosquitto
-from agent.reporting.messages import SystemTelemetry, ThermalZone
+from agent.reporting.messages import SystemTelemetry
+from agent.reporting.telemetry import SystemSampler
 
 STATUS_LINE = re.compile(
     r"^\d\d:\d\d:\d\d street (\d+\.\d) fps (\d+) det/s \[[^\]]*\] \| (.*) \| (\d+) msg/s$"
@@ -66,20 +67,32 @@ def _wait_lines(
 # -- the figures of a telemetry message ------------------------------------------------------
 
 
-def test_telemetry_shows_the_cpu_zone_load_agent_cpu_and_throttling() -> None:
-    system = SystemTelemetry(
-        rss_bytes=312_000_000,
-        cpu_percent=91.6,
-        load_avg_1m=1.434,
-        thermal=[
-            ThermalZone(name="thermal_zone0", type="GPU-therm", temp_c=60.5),
-            ThermalZone(name="thermal_zone1", type="CPU-therm", temp_c=51.25),
-        ],
-        throttling={"currently_throttled": True, "under_voltage": False},
-    ).model_dump(mode="json")
-    assert format_telemetry(system) == (
-        "temp 51.2°C, load 1.43, agent 92% CPU 312 MB, throttling ['currently_throttled']"
-    )
+def _zone(sys_root: Path, index: int, kind: str, milli_c: int, passive_at: int) -> None:
+    zone = sys_root / "class" / "thermal" / f"thermal_zone{index}"
+    zone.mkdir(parents=True)
+    (zone / "type").write_text(f"{kind}\n")
+    (zone / "temp").write_text(f"{milli_c}\n")
+    (zone / "trip_point_0_type").write_text("passive\n")
+    (zone / "trip_point_0_temp").write_text(f"{passive_at}\n")
+
+
+def test_telemetry_shows_the_cpu_zone_load_agent_cpu_and_throttling(tmp_path: Path) -> None:
+    # a Jetson-like pair of zones (the GPU one hotter and past its passive trip point) and a
+    # Raspberry Pi firmware report (under-voltage now, throttling has occurred), read by the
+    # agent's own sampler from sysfs-shaped files
+    _zone(tmp_path, 0, "GPU-therm", 60500, passive_at=60000)
+    _zone(tmp_path, 1, "CPU-therm", 51250, passive_at=95000)
+    firmware = tmp_path / "devices/platform/soc/soc:firmware"
+    firmware.mkdir(parents=True)
+    (firmware / "get_throttled").write_text("0x40001\n")
+    system = SystemSampler(sys_root=tmp_path).sample().model_dump(mode="json")
+    text = format_telemetry(system)
+    assert text.startswith("temp 51.2°C, load "), text
+    assert re.fullmatch(TELEMETRY.pattern + r", throttling: .*", text), text
+    assert text.endswith(
+        ", throttling: under_voltage, throttling_occurred, thermal_zone0 passive"
+    ), text
+
     bare = SystemTelemetry(rss_bytes=0, cpu_percent=0, load_avg_1m=0.5).model_dump(mode="json")
     assert format_telemetry(bare) == "temp n/a, load 0.50, agent 0% CPU 0 MB"
 

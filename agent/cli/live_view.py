@@ -67,7 +67,8 @@ class _Pipeline:
 
 def format_telemetry(system: dict[str, Any]) -> str:
     """``temp 51.2°C, load 1.43, agent 92% CPU 312 MB`` from a telemetry message's ``system``
-    part (the hottest zone whose type names the CPU, else the hottest zone)."""
+    part (the hottest zone whose type names the CPU, else the hottest zone), then any
+    throttling: the Raspberry Pi firmware's flags, the thermal trip points exceeded."""
     zones = [z for z in system.get("thermal", []) if isinstance(z, dict) and "temp_c" in z]
     cpu_zones = [z for z in zones if "cpu" in str(z.get("type", "")).lower()]
     hottest = max(cpu_zones or zones, key=lambda z: float(z["temp_c"]), default=None)
@@ -77,9 +78,14 @@ def format_telemetry(system: dict[str, Any]) -> str:
         f"temp {temp}, load {float(system.get('load_avg_1m', 0.0)):.2f}, "
         f"agent {float(system.get('cpu_percent', 0.0)):.0f}% CPU {rss_mb:.0f} MB"
     )
-    throttled = {k: v for k, v in system.get("throttling", {}).items() if v}
-    if throttled:
-        text += f", throttling {sorted(throttled)}"
+    throttling = system.get("throttling", {})
+    flags = [str(flag) for flag in throttling.get("rpi_flags", [])]
+    flags += [
+        f"{zone} {'/'.join(kinds)}"
+        for zone, kinds in throttling.get("trip_points_exceeded", {}).items()
+    ]
+    if flags:
+        text += f", throttling: {', '.join(flags)}"
     return text
 
 
