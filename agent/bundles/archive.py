@@ -32,6 +32,7 @@ import tarfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import IO, BinaryIO
@@ -525,8 +526,6 @@ def _tar_info(name: str, size: int, mtime: int, mode: int = 0o644) -> tarfile.Ta
 
 
 def _epoch(created: str) -> int:
-    from datetime import datetime, timezone  # noqa: PLC0415  (only the writer needs it)
-
     moment = datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
     return int(moment.timestamp())
 

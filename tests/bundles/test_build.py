@@ -204,6 +204,17 @@ def test_x86_64_target_gets_the_x86_64_wheel(tmp_path: Path, wheelhouse: Path) -
     ]
 
 
+def test_agent_wheel_built_from_the_project(tmp_path: Path) -> None:
+    """wheels.project: the agent wheel is built from the checkout (uv build, else pip wheel)."""
+    spec = load_spec(base_spec(tmp_path, f'[wheels]\nproject = "{ROOT}"\nrequirements = []\n'))
+    lines: list[str] = []
+    result = build_bundle(spec, tmp_path / "a.bundle", progress=lines.append)
+    (wheel,) = result.manifest.wheels
+    assert wheel.path == "wheels/edge_agent-0.1.0-py3-none-any.whl"
+    assert result.manifest.agent_version == "0.1.0"
+    assert any(line.startswith(f"building the agent wheel from {ROOT}") for line in lines)
+
+
 def test_agent_requirements_for_the_target(agent_wheel: Path) -> None:
     with zipfile.ZipFile(agent_wheel) as zf:
         meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
