@@ -194,6 +194,7 @@ class Installer:
             state.record("installed", version=manifest.version, slot=slot)
             self.store.write_state(state)
             self._reached("state_pending")
+            self.store.hand_over()  # run as root: the service's user owns what it boots
             self.store.switch_current(slot)
             self._reached("switched")
             self._report(1.0, f"installed {manifest.name} {manifest.version} into slot {slot}")

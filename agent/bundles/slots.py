@@ -45,6 +45,7 @@ __all__ = [
     "SlotName",
     "SlotRef",
     "SlotStore",
+    "hand_over",
     "other_slot",
     "parse_slot",
 ]
@@ -68,6 +69,32 @@ def parse_slot(text: str | None) -> SlotName | None:
     if text == "b":
         return "b"
     return None
+
+
+def hand_over(path: Path, owner_of: Path, *, recursive: bool = True) -> None:
+    """Give ``path`` (with ``recursive``: everything under it; links not followed) to the
+    owner of ``owner_of`` when we run as root and that is another user: ``bundle install`` run
+    by root for a service with ``User=edge-agent`` leaves files the agent can lock, replace,
+    roll back, resume and run hooks from. A no-op for any other caller."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = owner_of.stat()
+    except FileNotFoundError:
+        return
+    if owner.st_uid == 0:
+        return
+    paths = [path]
+    if recursive and path.is_dir() and not path.is_symlink():
+        for folder, dirs, files in os.walk(path):
+            paths += [Path(folder, name) for name in dirs + files]
+    try:
+        for item in paths:
+            os.lchown(item, owner.st_uid, owner.st_gid)
+    except OSError as exc:
+        raise BundleError(
+            f"cannot give {path} to the owner of {owner_of} (uid {owner.st_uid}): {exc.strerror}"
+        ) from exc
 
 
 def other_slot(slot: SlotName) -> SlotName:
@@ -191,6 +218,8 @@ class SlotStore:
         process after ``wait_s`` (0: at once) -> BundleBusyError."""
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.hand_over(self.root, recursive=False)
+        self.hand_over(self.lock_path, recursive=False)
         deadline = time.monotonic() + wait_s
         try:
             while True:
@@ -209,6 +238,11 @@ class SlotStore:
             yield
         finally:
             os.close(fd)
+
+    def hand_over(self, path: Path | None = None, *, recursive: bool = True) -> None:
+        """Give ``path`` (default: all of ``bundles/``) to the state directory's owner when
+        we run as root (see :func:`hand_over`)."""
+        hand_over(self.root if path is None else path, self.root.parent, recursive=recursive)
 
     # ------------------------------------------------------------------ current
     def current_slot(self) -> SlotName | None:
