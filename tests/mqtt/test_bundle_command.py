@@ -152,6 +152,10 @@ def test_install_from_a_path_reports_progress_then_restarts(dev: Device) -> None
     assert state.pending is not None
     assert (state.pending.slot, state.pending.version, state.pending.attempts) == ("a", "1.1.0", 0)
     assert (store.files_dir("a") / "config" / "agent.toml").read_text() == CONFIG_TOML
+    # stopping for the restart: another install is refused, nothing else is written
+    again = dev.install({"path": str(dev.bundle("1.2.0"))})[-1]
+    assert (again.status, again.reason) == ("failed", "agent_stopping"), again.message
+    assert store.installed("b") is None
 
 
 def test_url_install_downloads_first_and_a_second_install_meanwhile_is_busy(
