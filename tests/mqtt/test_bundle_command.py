@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from agent_process_support import AgentProcess, base_env
 from broker_support import PASSWORD, MosquittoBroker, Received, close_monitor, open_monitor
 from commands_support import make_keys
 from test_agent_control import Controlled
+from wait_support import wait_for
 
 from agent.bundles.signing import SigningKey
 from agent.bundles.slots import SlotStore
@@ -240,7 +242,7 @@ def test_failures_answer_the_bundle_reason_and_change_nothing(dev: Device) -> No
     assert not dev.agent.stop_event.is_set()
 
 
-def test_a_real_agent_exits_75_after_an_install(
+def test_a_real_agent_exits_75_after_an_install_and_boots_the_new_slot(
     broker: MosquittoBroker, device: str, tmp_path: Path
 ) -> None:
     key = make_keys(tmp_path / "keys")
@@ -259,9 +261,11 @@ def test_a_real_agent_exits_75_after_an_install(
         f'[bundles]\ntrusted_keys_dir = "{trusted}"\n',
         encoding="utf-8",
     )
+    # the bundle's config: this one under another device id (the restarted agent reads it)
+    slot_config = config.read_text("utf-8").replace(f'"{device}"\nstate_dir', '"cam-9"\nstate_dir')
     bundle = make_bundle(
         tmp_path / "street-2.0.0.bundle",
-        {"config/agent.toml": CONFIG_TOML.encode()},
+        {"config/agent.toml": slot_config.encode()},
         version="2.0.0",
         key=bundle_key,
     )
@@ -291,3 +295,30 @@ def test_a_real_agent_exits_75_after_an_install(
         json.loads(x) for x in (tmp_path / "state" / "command-audit.jsonl").read_text().splitlines()
     ]
     assert [(a["command"], a["reason"]) for a in audit] == [("bundle.install", "ok")]
+
+    # what systemd does next: start the agent again; the launcher boots slot a on trial (a
+    # bundle without wheels runs this code with the slot's config) and its gate commits it
+    again = AgentProcess(["run", "--config", str(config)], base_env())
+    status_file = tmp_path / "state" / "status.json"
+    try:
+        wait_for(
+            lambda: store.read_state().committed is not None or again.proc.poll() is not None,
+            "version 2.0.0 committed",
+            60,
+        )
+        state = store.read_state()
+        assert state.committed is not None, (state, again.stderr[-20:])
+        assert (state.committed.slot, state.committed.version) == ("a", "2.0.0")
+        assert state.pending is None
+        committed = {"slot": "a", "version": "2.0.0", "pending": False}
+        wait_for(
+            lambda: json.loads(status_file.read_text("utf-8"))["bundle"] == committed,
+            "status.json showing version 2.0.0 committed",
+            30,
+        )
+        status = json.loads(status_file.read_text("utf-8"))
+        assert status["device_id"] == "cam-9"
+    finally:
+        again.signal(signal.SIGTERM)
+        code = again.wait(30)
+    assert code == 0, again.stderr[-20:]
