@@ -90,7 +90,7 @@ def test_no_progress_gives_up_and_the_next_call_resumes(
 def test_resume_after_the_downloading_process_is_killed(
     server: BundleServer, tmp_path: Path
 ) -> None:
-    server.delay_s = 0.02  # ~1.6 MB/s: the child is still downloading when it is killed
+    server.delay_s = 0.05  # ~0.6 MB/s: the child is still downloading when it is killed
     partial, final = download_paths(server.url(), tmp_path)
     script = (
         "import sys; from pathlib import Path; from agent.bundles.download import "
