@@ -14,10 +14,11 @@ set: then we already are the chosen slot's agent). Under ``install.lock``:
    pending = null. ``current`` is switched before pending is cleared, so a crash in between
    leaves a stale pending (cleared at the next boot), never the bad version without a trial.
 
-``exec_slot`` then replaces the launcher with ``slots/X/venv/bin/edge-agent run`` (the factory
-interpreter with ``-m agent`` for a slot without wheels), env ``EDGE_AGENT_SLOT=X``,
-``EDGE_AGENT_MODEL_PATH`` prefixed with the slot's models, ``STATE_DIRECTORY`` the launcher's
-state directory. The PID stays: systemd's notify handshake and watchdog go on unchanged.
+``exec_slot`` then replaces the launcher with ``slots/X/venv/bin/python
+slots/X/venv/bin/edge-agent run`` (the factory interpreter with ``-m agent`` for a slot without
+wheels), env ``EDGE_AGENT_SLOT=X``, ``EDGE_AGENT_MODEL_PATH`` prefixed with the slot's models,
+``STATE_DIRECTORY`` the launcher's state directory. The PID stays: systemd's notify handshake
+and watchdog go on unchanged.
 """
 
 from __future__ import annotations
@@ -308,8 +309,10 @@ def exec_slot(
         raise BundleError(f"slot {slot} is not installed (no INSTALLED) — a bug in select()")
     config = store.config_file(slot) if record.config else config_path
     if record.venv:
-        program = str(store.venv_dir(slot) / "bin" / "edge-agent")
-        argv = [program, *global_args, "run"]
+        # the venv's python runs the venv's script: its #! line (an absolute path fixed when
+        # the venv was made) is not relied on, so a moved or restored state dir still works
+        program = str(store.venv_dir(slot) / "bin" / "python")
+        argv = [program, str(store.venv_dir(slot) / "bin" / "edge-agent"), *global_args, "run"]
     else:
         program = sys.executable
         argv = [program, "-m", "agent", *global_args, "run"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -11,6 +12,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from agent.bundles.boot import SLOT_ENV, exec_slot, mark_failed, select
+from agent.bundles.slots import SlotStore, parse_slot
 from agent.cli.live_view import (
     LiveView,
     live_view_problem,
@@ -21,7 +24,8 @@ from agent.cli.live_view import (
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig
 from agent.configfile import load_config, resolve_config_path
 from agent.defaults import default_config
-from agent.process import Agent
+from agent.errors import reason_code
+from agent.process import RESTART_EXIT_STATUS, Agent, resolve_state_dir
 from pipelines.config import VisionPipelineConfig
 
 __all__ = ["register", "run_agent"]
@@ -122,6 +126,9 @@ def _run(args: argparse.Namespace) -> int:
     config = default_config() if embedded else load_config(path)
     if not args.debug:
         logging.getLogger().setLevel(config.log_level.upper())
+    slot = os.environ.get(SLOT_ENV)
+    if not slot:
+        _boot_bundle_slot(config, path, args)  # returns only for the factory install
     if args.frames is not None:
         config = _with_max_frames(config, args.frames)
     local_broker = embedded and not args.no_local_broker and config.reporting.mqtt is None
@@ -132,13 +139,55 @@ def _run(args: argparse.Namespace) -> int:
             print(f"edge-agent run: --view live: {problem}", file=sys.stderr)
             return 2
         config = without_stdout_jsonl(config)
-    return run_agent(
-        config,
-        duration_s=args.duration,
-        until_finished=args.frames is not None,
-        local_broker=local_broker or live,
-        live_view=sys.stdout if live else None,
+    try:
+        return run_agent(
+            config,
+            duration_s=args.duration,
+            until_finished=args.frames is not None,
+            local_broker=local_broker or live,
+            live_view=sys.stdout if live else None,
+        )
+    except Exception as exc:
+        if slot and _pending_start_failed(config, slot, exc):
+            print(f"edge-agent: error [{reason_code(exc)}]: {exc}", file=sys.stderr)
+            return RESTART_EXIT_STATUS
+        raise
+
+
+def _boot_bundle_slot(config: AgentConfig, path: Path | None, args: argparse.Namespace) -> None:
+    """The launcher: pick the bundle slot to boot (``agent.bundles.boot.select``) and exec its
+    agent; return when the factory install (this process) is the one to run."""
+    state_dir = resolve_state_dir(config, os.environ)
+    choice = select(config.bundles, state_dir)
+    if choice.slot is None:
+        return
+    run_args: list[str] = []
+    if args.no_local_broker:
+        run_args.append("--no-local-broker")
+    if args.frames is not None:
+        run_args += ["--frames", str(args.frames)]
+    if args.duration is not None:
+        run_args += ["--duration", str(args.duration)]
+    if args.view != "auto":  # only when asked: an older slot agent may not know the option
+        run_args += ["--view", args.view]
+    exec_slot(
+        SlotStore(state_dir),
+        choice.slot,
+        state_dir=state_dir,
+        config_path=path,
+        run_args=run_args,
+        global_args=["--debug"] if args.debug else [],
     )
+
+
+def _pending_start_failed(config: AgentConfig, slot: str, exc: Exception) -> bool:
+    """A start failure of a bundle version on trial: recorded as its failure (the next boot
+    rolls back); True when it was on trial."""
+    name = parse_slot(slot)
+    if name is None:
+        return False
+    store = SlotStore(resolve_state_dir(config, os.environ))
+    return mark_failed(store, name, f"start failed [{reason_code(exc)}]: {exc}")
 
 
 def _with_max_frames(config: AgentConfig, frames: int) -> AgentConfig:
