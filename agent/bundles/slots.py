@@ -218,10 +218,10 @@ class SlotStore:
         process after ``wait_s`` (0: at once) -> BundleBusyError."""
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        self.hand_over(self.root, recursive=False)
-        self.hand_over(self.lock_path, recursive=False)
         deadline = time.monotonic() + wait_s
         try:
+            self.hand_over(self.root, recursive=False)
+            self.hand_over(self.lock_path, recursive=False)
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -18,7 +18,7 @@ from typing import Any
 
 from agent.bundle_config import BundlesConfig
 from agent.bundles.install import CRASH_POINT_ENV, Installer
-from agent.bundles.slots import BootState, SlotStore
+from agent.bundles.slots import SLOT_NAMES, SlotStore
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig
 from agent.configfile import load_config, resolve_config_path
 from agent.defaults import default_config
@@ -141,9 +141,11 @@ def _install(args: argparse.Namespace) -> int:
         progress=_progress,
         crash_at=os.environ.get(CRASH_POINT_ENV) or None,
     )
-    result = installer.install(path, allow_downgrade=args.allow_downgrade)
-    if downloaded is not None:
-        downloaded.unlink(missing_ok=True)
+    try:
+        result = installer.install(path, allow_downgrade=args.allow_downgrade)
+    finally:
+        if downloaded is not None:  # installed or refused: a verified-once copy is no use
+            downloaded.unlink(missing_ok=True)
     was = result.previous_version or "the factory install"
     print(f"installed version {result.version} into slot {result.slot} (was {was})")
     if args.no_restart:
@@ -257,10 +259,10 @@ def _status(args: argparse.Namespace) -> int:
 
 def status_data(store: SlotStore) -> dict[str, Any]:
     """``bundle status --json``: current slot, each slot's INSTALLED record, state.json."""
-    state = store.read_state() if store.state_path.exists() else BootState()
+    state = store.read_state()
     slots: dict[str, Any] = {}
-    for slot in ("a", "b"):
-        record = store.installed("a" if slot == "a" else "b")
+    for slot in SLOT_NAMES:
+        record = store.installed(slot)
         slots[slot] = None if record is None else record.model_dump(mode="json")
     return {
         "bundles_dir": str(store.root),
