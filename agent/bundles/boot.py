@@ -77,14 +77,28 @@ def select(config: BundlesConfig, state_dir: Path, *, now: float | None = None) 
         with store.lock(_LOCK_WAIT_S):
             return _select_locked(store, config, time.time() if now is None else now)
     except BundleBusyError:
-        pass
-    # an install holds the lock: it switches `current` only as its last step, and refuses to
-    # run while a version is on trial, so booting `current` untouched is safe
-    slot = store.current_slot()
+        # an install holds the lock: it switches `current` only as its last step, and refuses
+        # to run while a version is on trial, so booting `current` untouched is safe
+        why = f"the bundle install lock is still held after {_LOCK_WAIT_S:.0f} s"
+    except (BundleError, OSError) as exc:
+        # a broken state.json or a full disk must not keep the device from booting
+        why = f"boot bookkeeping failed ({exc})"
+    return _untracked(store, why)
+
+
+def _untracked(store: SlotStore, why: str) -> BootChoice:
+    """Boot what ``current`` points at without touching the state (factory when unusable)."""
+    try:
+        slot = store.current_slot()
+    except BundleError as exc:
+        _log.error("%s; %s: booting the factory install", why, exc)
+        return BootChoice(slot=None, version=None, pending=False)
     record = None if slot is None else store.installed(slot)
-    _log.warning(
-        "bundle install lock still held after %.0f s: booting %s without boot bookkeeping",
-        _LOCK_WAIT_S,
+    if record is None:
+        slot = None
+    _log.error(
+        "%s: booting %s without boot bookkeeping",
+        why,
         f"slot {slot}" if slot else "the factory install",
     )
     return BootChoice(slot=slot, version=None if record is None else record.version, pending=False)

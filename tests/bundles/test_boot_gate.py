@@ -136,6 +136,20 @@ def test_commit_then_manual_rollback(tmp_path: Path, bundle_keys: BundleKeys) ->
         manual_rollback(store)
 
 
+def test_broken_boot_state_never_keeps_the_device_from_booting(
+    tmp_path: Path, bundle_keys: BundleKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _two_versions(tmp_path, bundle_keys)
+    store.state_path.write_text("{ half a write")  # cannot happen through write_state
+    choice = select(BundlesConfig(), tmp_path / "state")
+    assert choice == BootChoice(slot="b", version="1.1.0", pending=False)
+    assert "boot bookkeeping failed" in caplog.text
+    assert store.state_path.read_text() == "{ half a write"  # left for a human to look at
+    store.current_link.unlink()
+    store.current_link.symlink_to("/somewhere/else")
+    assert select(BundlesConfig(), tmp_path / "state").slot is None
+
+
 # ---------------------------------------------------------------------- real agent processes
 
 
