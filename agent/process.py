@@ -452,7 +452,11 @@ class Agent:
         self._refresh_state(f"bundle version {self._bundle['version']} committed")
 
     def _bundle_failed(self, reason: str) -> None:
-        self.request_restart(f"bundle version {self._bundle['version']} failed: {reason}")
+        """The gate recorded the failure: exit 75 so the launcher rolls back."""
+        try:
+            self.request_restart(f"bundle version {self._bundle['version']} failed: {reason}")
+        except CommandError:  # already stopping: the next start rolls back all the same
+            _log.warning("health gate failed while the agent was stopping: %s", reason)
 
     def add_command_hook(self, hook: Callable[[CommandRegistry], None]) -> None:
         """More MQTT commands (e.g. ``llm.*``): ``hook(registry)`` runs in the reporting step,
