@@ -9,6 +9,7 @@ from pathlib import Path
 
 from agent_process_support import ROOT, base_env
 from bundle_support import BundleKeys
+from http_support import serving
 from install_support import config_text, write_test_bundle
 
 from agent.bundles.slots import SlotStore
@@ -104,3 +105,19 @@ def test_second_install_gets_busy(tmp_path: Path, bundle_keys: BundleKeys) -> No
     assert busy.returncode == 1
     assert "edge-agent: error [busy]: another bundle install or rollback is running" in busy.stderr
     assert store.current_slot() is None
+
+
+def test_install_from_a_url(tmp_path: Path, bundle_keys: BundleKeys) -> None:
+    config = _config(tmp_path, bundle_keys)
+    bundle = _bundle(tmp_path, bundle_keys, "1.0.0")
+    with serving({"/street-1.0.0.bundle": bundle.read_bytes()}) as server:
+        done = _cli(
+            "install", server.url("/street-1.0.0.bundle"), "--no-restart", "--config", config
+        )
+    assert done.returncode == 0, done.stderr
+    assert "installed version 1.0.0 into slot a" in done.stdout
+    assert "downloading http://127.0.0.1:" in done.stderr
+    store = SlotStore(tmp_path / "state")
+    assert store.current_slot() == "a"
+    assert store.slot_problems("a") == []
+    assert list(store.downloads_dir.glob("*.bundle")) == []  # removed once installed
