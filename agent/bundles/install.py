@@ -14,7 +14,8 @@ name (``CRASH_POINTS``) lets a test SIGKILL the process there (``crash_at``):
     wheels_installed    ``venv/bin/python -m pip install --no-index --no-deps`` the wheels
     config_validated    the bundle's config validated by the NEW code
     pre_install_hook    ``files/hooks/pre-install`` exited 0 within hook_timeout_s
-    installed_marked    ``INSTALLED`` written: the slot is complete
+    installed_marked    everything synced to disk, then ``INSTALLED`` written: the slot is
+                        complete
     state_pending       state.json: pending = {slot, version, attempts 0}
     switched            ``current`` renamed to the new slot
 
@@ -52,6 +53,7 @@ from agent.errors import (
     BundleIncompatibleError,
     BundleSpaceError,
 )
+from engines.fetch import atomic_write_bytes
 
 __all__ = [
     "CRASH_POINTS",
@@ -177,6 +179,9 @@ class Installer:
             self._reached("config_validated")
             self._pre_install_hook(slot, manifest.version)
             self._reached("pre_install_hook")
+            # the venv (pip does not fsync) and the hook's files reach the disk before the
+            # record that declares the slot complete
+            os.sync()
             self.store.mark_installed(
                 slot,
                 InstalledRecord(
@@ -236,9 +241,9 @@ class Installer:
     def _extract(self, reader: BundleReader, slot: SlotName) -> None:
         slot_dir = self.store.slot_dir(slot)
         slot_dir.mkdir(parents=True, exist_ok=True)
-        (slot_dir / "manifest.json").write_bytes(reader.manifest_bytes)
+        atomic_write_bytes(slot_dir / "manifest.json", reader.manifest_bytes)
         if reader.signature is not None:
-            (slot_dir / "manifest.sig").write_bytes(signature_bytes(reader.signature))
+            atomic_write_bytes(slot_dir / "manifest.sig", signature_bytes(reader.signature))
         first = [True]
 
         def progress(fraction: float, message: str) -> None:
