@@ -237,15 +237,16 @@ def manual_rollback(store: SlotStore) -> SlotName | None:
             raise BundleError("nothing to roll back: the factory install is running")
         if state.pending is not None and state.pending.slot == current:
             return rollback(store, state, "rolled back by `edge-agent bundle rollback`")
+        back: SlotRef | None = None
         previous = state.previous
-        target: SlotName | None = None
         if previous is not None and previous.slot != current:
             record = store.installed(previous.slot)
             if record is not None and record.version == previous.version:
-                target = previous.slot
+                back = previous
+        target = None if back is None else back.slot
         store.switch_current(target)
         left = state.committed
-        state.committed = None if target is None else SlotRef(slot=target, version=previous.version)  # type: ignore[union-attr]
+        state.committed = back
         state.previous = None
         state.pending = None
         state.record(
