@@ -14,8 +14,9 @@ or phase change, so a large bundle does not flood the broker. The terminal reply
 gracefully and exits 75 (``Agent.request_restart``) so that systemd starts it again and the
 launcher boots the new slot, on trial until its health gate commits it.
 
-A second ``bundle.install`` while one runs (here, or ``edge-agent bundle install`` holding the
-slots' lock, or a version still on trial) answers status ``busy``, reason ``busy``. Every other
+A second ``bundle.install`` while one runs (the dispatcher answers it: the same long command is
+running), or while ``edge-agent bundle install`` holds the slots' lock, or while a version is
+still on trial, answers status ``busy``, reason ``busy``. Every other
 failure answers ``failed`` with the bundle error's reason code (``bundle_signature_invalid``,
 ``bundle_download_failed``, ``bundle_downgrade``, ...); nothing is switched and the agent keeps
 running. An agent already stopping answers ``agent_stopping``.
@@ -24,7 +25,6 @@ running. An agent already stopping answers ``agent_stopping``.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,23 +118,14 @@ class ProgressRelay:
 def register_bundle_commands(registry: CommandRegistry, agent: Agent) -> None:
     """Register ``bundle.install`` (see the module docstring); ``agent`` is only used when the
     command runs."""
-    running = threading.Lock()
 
     def bundle_install(ctx: CommandContext) -> dict[str, Any]:
         if agent.stop_event.is_set():
             raise CommandError("agent_stopping", "the agent is stopping: bundle.install not done")
-        if not running.acquire(blocking=False):
-            raise CommandError(
-                "busy",
-                "another bundle.install is running; retry with a new command_id when it is done",
-                status="busy",
-            )
         try:
             return _install(agent, ctx.args, ctx.progress)
         except BundleBusyError as exc:
             raise CommandError("busy", str(exc), status="busy") from exc
-        finally:
-            running.release()
 
     registry.register(
         CommandSpec(

@@ -18,6 +18,7 @@ Decision order for one ``cmd/{command}`` message (first match wins; reason code 
                                                   key_unknown)
     class token bucket empty                   -> busy     (rate_limited)
     dispatcher queue full                      -> busy     (queue_full)
+    the same long-running command still runs   -> busy     (busy)
     a long-running command slot taken          -> busy     (long_command_running)
     handler returns                            -> succeeded (ok)
     handler raises CommandError(status="busy") -> busy     (its reason, e.g. control_busy)
@@ -401,6 +402,9 @@ class CommandDispatcher:
         cid = parsed.envelope.command_id if parsed.envelope else None
         with self._long_lock:
             self._long = {t for t in self._long if t.is_alive()}
+            thread_name = f"cmd-{inbound.command}"
+            if any(t.name == thread_name for t in self._long):
+                return Decision("busy", "busy", f"another {inbound.command} is running", cid)
             if len(self._long) >= self.settings.max_long_running:
                 return Decision(
                     "busy", "long_command_running", "another long command is running", cid
@@ -416,7 +420,7 @@ class CommandDispatcher:
                 decision = self._execute(inbound, spec, parsed)
                 self._finish(inbound, decision)
 
-            t = threading.Thread(target=run, name=f"cmd-{inbound.command}", daemon=True)
+            t = threading.Thread(target=run, name=thread_name, daemon=True)
             self._long.add(t)
             t.start()
         return _DEFERRED

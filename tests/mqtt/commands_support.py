@@ -70,7 +70,8 @@ def make_registry(loads: list[str] | None = None) -> CommandRegistry:
 
 
 def register_test_commands(registry: CommandRegistry, loads: list[str] | None = None) -> None:
-    """model.load (critical, signed), job.slow (long-running), test.explode (always raises)."""
+    """model.load (critical, signed), job.slow and job.other (long-running), test.explode (always
+    raises)."""
 
     def model_load(ctx: CommandContext) -> dict[str, Any]:
         if ctx.args.name == "missing":
@@ -91,6 +92,9 @@ def register_test_commands(registry: CommandRegistry, loads: list[str] | None = 
     registry.register(CommandSpec("model.load", model_load, "critical", "Load a model.", LoadArgs))
     registry.register(
         CommandSpec("job.slow", slow_job, "control", "A long job.", long_running=True)
+    )
+    registry.register(
+        CommandSpec("job.other", slow_job, "control", "Another long job.", long_running=True)
     )
     registry.register(CommandSpec("test.explode", explode, "read", "Always raises."))
 

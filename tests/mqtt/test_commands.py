@@ -193,10 +193,20 @@ def test_long_command_sends_accepted_progress_then_one_terminal(
     assert [body.progress for _, body in rec.replies][1:4] == pytest.approx([1 / 3, 2 / 3, 1.0])
 
 
-def test_a_second_long_command_is_busy(tmp_path: Path, rec: Recorder) -> None:
-    d = make_dispatcher(tmp_path, rec)
+def test_the_same_long_command_again_is_busy(tmp_path: Path, rec: Recorder) -> None:
+    d = make_dispatcher(tmp_path, rec, settings=DispatchSettings(max_long_running=2))
     first = d.handle(inbound("job.slow", envelope()))
     second = d.handle(inbound("job.slow", envelope()))
+    d.stop()
+    assert first.status == "accepted"
+    assert (second.status, second.reason) == ("busy", "busy")
+    assert second.message == "another job.slow is running"
+
+
+def test_another_long_command_over_the_limit_is_busy(tmp_path: Path, rec: Recorder) -> None:
+    d = make_dispatcher(tmp_path, rec)
+    first = d.handle(inbound("job.slow", envelope()))
+    second = d.handle(inbound("job.other", envelope()))
     d.stop()
     assert first.status == "accepted"
     assert (second.status, second.reason) == ("busy", "long_command_running")
