@@ -274,7 +274,7 @@ def test_ctrl_c_in_a_terminal_stops_the_whole_product_with_exit_0(
     assert term.wait(60) == 0, term.read()[-2000:]
     screen = term.read()
     assert "Traceback" not in screen, screen
-    assert "agent.cli.run_cmd: agent stopped" in screen
+    assert "agent.process: agent stopped" in screen
     assert not _alive(int(record["pid"]))
     status = json.loads((tmp_path / "state" / "status.json").read_text())
     assert status["state"] == "stopped"

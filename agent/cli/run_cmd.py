@@ -238,8 +238,6 @@ def run_agent(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if agent.exit_status:
-        _log.info("agent stopped; exit status %d (restart requested)", agent.exit_status)
-    else:
-        _log.info("agent stopped")
+    if agent.exit_status:  # the agent itself logged "agent stopped"
+        _log.info("exit status %d (restart requested)", agent.exit_status)
     return agent.exit_status
