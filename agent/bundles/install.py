@@ -239,8 +239,7 @@ class Installer:
         )
 
     def _extract(self, reader: BundleReader, slot: SlotName) -> None:
-        slot_dir = self.store.slot_dir(slot)
-        slot_dir.mkdir(parents=True, exist_ok=True)
+        slot_dir = self.store.slot_dir(slot)  # made empty (and no symlink) by wipe()
         atomic_write_bytes(slot_dir / "manifest.json", reader.manifest_bytes)
         if reader.signature is not None:
             atomic_write_bytes(slot_dir / "manifest.sig", signature_bytes(reader.signature))

@@ -217,7 +217,18 @@ class SlotStore:
         """Hold ``install.lock`` (the kernel releases it if we die); still held by another
         process after ``wait_s`` (0: at once) -> BundleBusyError."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.refuse_links(self.root)
+        try:
+            # never through a symlink: run as root, a link planted in the service user's
+            # state directory must not make us create or lock a file elsewhere
+            fd = os.open(
+                self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+            )
+        except OSError as exc:
+            raise BundleError(
+                f"cannot open {self.lock_path} ({exc.strerror}); it must be a regular file — "
+                "remove it"
+            ) from exc
         deadline = time.monotonic() + wait_s
         try:
             self.hand_over(self.root, recursive=False)
@@ -238,6 +249,16 @@ class SlotStore:
             yield
         finally:
             os.close(fd)
+
+    def refuse_links(self, *paths: Path) -> None:
+        """BundleError when one of ``paths`` is a symbolic link: the folders an install writes
+        in (``bundles/``, ``slots/``, a slot) are never followed elsewhere."""
+        for path in paths:
+            if path.is_symlink():
+                raise BundleError(
+                    f"{path} is a symbolic link; bundles/ and its slots must be real folders "
+                    "(remove the link)"
+                )
 
     def hand_over(self, path: Path | None = None, *, recursive: bool = True) -> None:
         """Give ``path`` (default: all of ``bundles/``) to the state directory's owner when
@@ -301,14 +322,25 @@ class SlotStore:
         atomic_write_bytes(self.slot_dir(slot) / INSTALLED_FILE, data)
 
     def wipe(self, slot: SlotName) -> None:
-        """Remove everything in ``slot`` (never the one ``current`` points at)."""
+        """Remove everything in ``slot`` (never the one ``current`` points at) and create it
+        again, empty, as a new folder of ours (a symlink found there is removed, not
+        followed; one planted after this cannot take the folder's place)."""
         if slot == self.current_slot():
             raise BundleError(f"refusing to wipe slot {slot}: it is the active slot — a bug")
         folder = self.slot_dir(slot)
-        if folder.exists() or folder.is_symlink():
-            shutil.rmtree(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        fsync_dir(folder.parent)
+        self.refuse_links(self.root, folder.parent)
+        try:
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                folder.unlink()
+            elif folder.exists():
+                shutil.rmtree(folder)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir()
+            fsync_dir(folder.parent)
+        except OSError as exc:
+            raise BundleError(
+                f"cannot empty slot {slot} ({folder}): {exc.strerror or exc}"
+            ) from exc
 
     def slot_problems(self, slot: SlotName) -> list[str]:
         """Files of the slot that do not match its manifest.json (size, sha256); [] = intact."""

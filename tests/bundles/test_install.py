@@ -143,7 +143,7 @@ def test_downgrade_refused_unless_allowed(tmp_path: Path, bundle_keys: BundleKey
         with pytest.raises(BundleDowngradeError, match="--allow-downgrade") as info:
             _install(tmp_path, bundle_keys, version)
         assert info.value.reason == "bundle_downgrade"
-    assert not (store.root / "slots/b").exists()
+    assert not (store.root / "slots/b").exists()  # refused before the wipe
     assert store.current_slot() == "a"
     result = _install(tmp_path, bundle_keys, "1.9.0", allow_downgrade=True)
     assert result == InstallResult(slot="b", version="1.9.0", previous_version="2.0.0")

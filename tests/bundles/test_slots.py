@@ -99,8 +99,40 @@ def test_wipe_removes_the_inactive_slot_and_refuses_the_active_one(tmp_path: Pat
     with pytest.raises(BundleError, match="active slot"):
         store.wipe("a")
     store.wipe("b")
-    assert not store.slot_dir("b").exists()
+    assert store.slot_dir("b").is_dir()
+    assert list(store.slot_dir("b").iterdir()) == []
     assert (store.files_dir("a") / "models" / "m.onnx").read_bytes() == b"x"
+
+
+def test_wipe_removes_a_symlinked_slot_without_following_it(tmp_path: Path) -> None:
+    store = SlotStore(tmp_path / "state")
+    victim = tmp_path / "victim"
+    (victim / "files").mkdir(parents=True)
+    (victim / "files" / "keep").write_bytes(b"keep me")
+    store.slot_dir("b").parent.mkdir(parents=True)
+    store.slot_dir("b").symlink_to(victim)
+    store.wipe("b")
+    assert (victim / "files" / "keep").read_bytes() == b"keep me"
+    assert not store.slot_dir("b").is_symlink()
+    assert store.slot_dir("b").is_dir()
+    assert list(store.slot_dir("b").iterdir()) == []
+
+
+def test_symlinked_slots_folder_or_lock_is_refused(tmp_path: Path) -> None:
+    store = SlotStore(tmp_path / "state")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    store.root.mkdir(parents=True)
+    (store.root / "slots").symlink_to(elsewhere)
+    with pytest.raises(BundleError, match="symbolic link") as info:
+        store.wipe("a")
+    assert "\n" not in str(info.value)
+    assert list(elsewhere.iterdir()) == []
+    (store.root / "slots").unlink()
+    store.lock_path.symlink_to(elsewhere / "created-by-root")
+    with pytest.raises(BundleError, match="regular file"), store.lock():
+        pass
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_installed_record_missing_or_unreadable_is_none(tmp_path: Path) -> None:
