@@ -5,27 +5,40 @@ client of that broker, so what it prints has come over MQTT. Ctrl-C is a real on
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import io
 import json
 import os
 import pty
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import termios
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 from agent_process_support import ROOT, AgentProcess, base_env
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent import configfile
-from agent.cli.live_view import format_telemetry
-from agent.reporting.local_broker import find_mosquitto
-from agent.reporting.messages import SystemTelemetry
+from agent.cli.live_view import LiveView, format_telemetry, start_live_view
+from agent.errors import ReportingError
+from agent.reporting.local_broker import LocalBroker, find_mosquitto
+from agent.reporting.messages import (
+    OutboxTelemetry,
+    StatusMessage,
+    SystemTelemetry,
+    TelemetryMessage,
+    ThermalZone,
+)
 from agent.reporting.telemetry import SystemSampler
 
 STATUS_LINE = re.compile(
@@ -85,7 +98,7 @@ def test_telemetry_shows_the_cpu_zone_load_agent_cpu_and_throttling(tmp_path: Pa
     firmware = tmp_path / "devices/platform/soc/soc:firmware"
     firmware.mkdir(parents=True)
     (firmware / "get_throttled").write_text("0x40001\n")
-    system = SystemSampler(sys_root=tmp_path).sample().model_dump(mode="json")
+    system = SystemSampler(sys_root=tmp_path).sample()
     text = format_telemetry(system)
     assert text.startswith("temp 51.2°C, load "), text
     assert re.fullmatch(TELEMETRY.pattern + r", throttling: .*", text), text
@@ -93,8 +106,194 @@ def test_telemetry_shows_the_cpu_zone_load_agent_cpu_and_throttling(tmp_path: Pa
         ", throttling: under_voltage, throttling_occurred, thermal_zone0 passive"
     ), text
 
-    bare = SystemTelemetry(rss_bytes=0, cpu_percent=0, load_avg_1m=0.5).model_dump(mode="json")
+    bare = SystemTelemetry(rss_bytes=0, cpu_percent=0, load_avg_1m=0.5)
     assert format_telemetry(bare) == "temp n/a, load 0.50, agent 0% CPU 0 MB"
+
+
+# -- the view's MQTT client on a real broker ---------------------------------------------------
+
+
+class _Out(io.StringIO):
+    """The terminal: written by the view's threads, read by the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            return super().write(text)
+
+    def lines(self) -> list[str]:
+        with self.lock:
+            return self.getvalue().splitlines()
+
+
+def _stamp(seq: int) -> dict[str, object]:
+    return {"device_id": "dev1", "boot_id": "b1", "seq": seq, "ts": time.time()}
+
+
+def _agent_client(broker: LocalBroker) -> paho.Client:
+    """An MQTT client with the agent's own credentials on its local broker (anonymous clients
+    may only read there)."""
+    mqtt = broker.mqtt_config()
+    assert mqtt.password_file is not None
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id="agent-dev1", protocol=MQTTProtocolVersion.MQTTv5
+    )
+    client.username_pw_set(mqtt.username, mqtt.password_file.read_text().strip())
+    connected = threading.Event()
+    client.on_connect = lambda _c, _u, _f, rc, _p: connected.set() if not rc.is_failure else None
+    client.connect(mqtt.host, mqtt.port, 30)
+    client.loop_start()
+    if not connected.wait(10):
+        client.loop_stop()
+        pytest.fail("the agent's credentials were not accepted by the local broker")
+    return client
+
+
+def _view_threads() -> list[threading.Thread]:
+    return [
+        t for t in threading.enumerate() if "edge-agent-view" in t.name or t.name == "live-view"
+    ]
+
+
+def test_view_shows_what_the_agent_publishes_and_skips_what_it_cannot_read(
+    mosquitto: Path, tmp_path: Path
+) -> None:
+    broker = LocalBroker(mosquitto, device_id="dev1", state_dir=tmp_path)
+    broker.start()
+    out = _Out()
+    view = None
+    agent = None
+    try:
+        view = start_live_view(broker, "dev1", out)
+        assert view is not None
+        assert view.prefix == "edge/dev1"  # the prefix the agent reports under on that broker
+        agent = _agent_client(broker)
+
+        def publish(relative: str, payload: object) -> None:
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            agent.publish(f"edge/dev1/{relative}", data, qos=1).wait_for_publish(10)
+
+        # unreadable messages first: each is skipped, and paho's thread lives on
+        publish("vision/street/detections", b"not json")
+        publish("vision/street/detections", [1, 2])
+        publish("vision/street/detections", {"detections": 5, "counts": {}})
+        publish("telemetry", {"system": "hot"})
+        publish("status", {"state": "on fire"})
+        system = SystemTelemetry(
+            rss_bytes=312_000_000,
+            cpu_percent=92,
+            load_avg_1m=1.43,
+            thermal=[ThermalZone(name="thermal_zone0", type="cpu-thermal", temp_c=51.25)],
+            throttling={"rpi_flags": ["under_voltage"]},
+        )
+        outbox = OutboxTelemetry(
+            depth=0, bytes=0, critical=0, inflight=0, dropped=0, refused=0, expired=0,
+            dead_letters=0, connected=True,
+        )  # fmt: skip
+        publish(
+            "telemetry",
+            TelemetryMessage(**_stamp(1), system=system, outbox=outbox).model_dump(mode="json"),
+        )
+        online = StatusMessage(
+            **_stamp(2), state="online", version="0", agent_state="ready", started_at=0,
+            pipelines={"street": "running"},
+        )  # fmt: skip
+        publish("status", online.model_dump(mode="json"))
+        publish("status", online.model_copy(update={"seq": 3}).model_dump(mode="json"))
+        narrated = {"source": "narrator", "pipeline": "assistant", "status": "completed"}
+        publish("llm/r1/result", {**_stamp(4), **narrated, "text": "Two people\n  crossed."})
+        for seq in range(5, 8):
+            publish("vision/street/detections",
+                    {**_stamp(seq), "detections": [{}, {}], "counts": {"person": 2}})  # fmt: skip
+
+        def shown(lines: list[str]) -> bool:
+            return any("street" in line and "fps" in line and "person 2" in line for line in lines)
+
+        lines = _wait_lines(out.lines, shown, 15)
+        assert shown(lines), lines
+    finally:
+        if agent is not None:
+            agent.disconnect()
+            agent.loop_stop()
+        if view is not None:
+            view.close()
+        broker.stop()
+    lines = out.lines()
+    status = [line for line in lines if " status: " in line]
+    assert len(status) == 1, lines  # the same status twice is one line
+    assert status[0].endswith("status: online (agent ready; street running)")
+    assert any(line.endswith(" narrator (assistant): Two people crossed.") for line in lines)
+    street = next(line for line in lines if " street " in line and "[person 2]" in line)
+    assert re.search(r" street \d+\.\d fps \d+ det/s \[person 2\] \| ", street), street
+    assert (
+        "| temp 51.2°C, load 1.43, agent 92% CPU 312 MB, throttling: under_voltage |" in street
+    ), street
+    # close() stopped the printing thread and paho's network thread
+    assert not _view_threads(), _view_threads()
+
+
+class _FakeBroker:
+    """A TCP listener on 127.0.0.1 that reads the CONNECT and answers ``reply`` (or nothing)."""
+
+    def __init__(self, reply: bytes | None) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.reply = reply
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):  # the server closed by close()
+            conn, _ = self.server.accept()
+            self.conns.append(conn)
+            conn.recv(1024)
+            if self.reply is not None:
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self.conns:
+            conn.close()
+        self.thread.join(5)
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        # MQTT 5 CONNACK: no session, reason 0x87 "Not authorized", no properties
+        (b"\x20\x03\x00\x87\x00", "MQTT 127.0.0.1:{port} refused the connection: Not authorized"),
+        (None, "no CONNACK from MQTT 127.0.0.1:{port} in 0.5 s"),
+    ],
+)
+def test_view_start_failure_is_one_line_and_frees_the_client(
+    reply: bytes | None, message: str
+) -> None:
+    fake = _FakeBroker(reply)
+    try:
+        view = LiveView("127.0.0.1", fake.port, "edge/dev1", _Out())
+        with pytest.raises(ReportingError) as caught:
+            view.start(timeout_s=0.5)
+        view.close()
+    finally:
+        fake.close()
+    assert str(caught.value) == "live view: " + message.format(port=fake.port)
+    assert not _view_threads()
+
+
+def test_view_start_without_a_listener_is_one_line() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # closed again: nothing listens there
+    view = LiveView("127.0.0.1", port, "edge/dev1", _Out())
+    with pytest.raises(
+        ReportingError, match=rf"^live view: cannot connect to MQTT 127\.0\.0\.1:{port}: "
+    ):
+        view.start()
+    view.close()
+    assert not _view_threads()
 
 
 # -- a real run: detections, narrator and telemetry arriving over MQTT -----------------------

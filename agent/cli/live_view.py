@@ -19,6 +19,14 @@ screen has travelled the MQTT path::
 - a line per LLM result (``llm/<request_id>/result``): the narrator's report or an answer to
   ``llm.generate``;
 - a line whenever the retained ``status`` changes.
+
+Threads: the caller's thread owns the paho client (``start()`` connects it and starts its
+network loop, ``close()`` disconnects and stops it, also after a failed ``start()``); paho's
+network thread only runs the callbacks, which parse each message (with
+``agent.reporting.messages``' schemas where the agent defines them) and hand the figures over
+under a lock; the printing thread only takes those figures and writes to the terminal, waking
+once per ``interval_s``. A message the view cannot read is logged and skipped: it never stops
+paho's thread.
 """
 
 from __future__ import annotations
@@ -38,8 +46,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import AgentConfig
-from agent.errors import ReportingError
+from agent.errors import ReportingError, TopicInvalidError
 from agent.reporting.local_broker import find_mosquitto
+from agent.reporting.messages import StatusMessage, SystemTelemetry, TelemetryMessage
+from agent.reporting.topics import Topics
 
 if TYPE_CHECKING:
     from agent.reporting.local_broker import LocalBroker
@@ -65,25 +75,24 @@ class _Pipeline:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def format_telemetry(system: dict[str, Any]) -> str:
+def format_telemetry(system: SystemTelemetry) -> str:
     """``temp 51.2°C, load 1.43, agent 92% CPU 312 MB`` from a telemetry message's ``system``
     part (the hottest zone whose type names the CPU, else the hottest zone), then any
     throttling: the Raspberry Pi firmware's flags, the thermal trip points exceeded."""
-    zones = [z for z in system.get("thermal", []) if isinstance(z, dict) and "temp_c" in z]
-    cpu_zones = [z for z in zones if "cpu" in str(z.get("type", "")).lower()]
-    hottest = max(cpu_zones or zones, key=lambda z: float(z["temp_c"]), default=None)
-    temp = "n/a" if hottest is None else f"{float(hottest['temp_c']):.1f}°C"
-    rss_mb = int(system.get("rss_bytes", 0)) / 1e6
+    zones = system.thermal
+    cpu_zones = [z for z in zones if "cpu" in z.type.lower()]
+    hottest = max(cpu_zones or zones, key=lambda z: z.temp_c, default=None)
+    temp = "n/a" if hottest is None else f"{hottest.temp_c:.1f}°C"
     text = (
-        f"temp {temp}, load {float(system.get('load_avg_1m', 0.0)):.2f}, "
-        f"agent {float(system.get('cpu_percent', 0.0)):.0f}% CPU {rss_mb:.0f} MB"
+        f"temp {temp}, load {system.load_avg_1m:.2f}, "
+        f"agent {system.cpu_percent:.0f}% CPU {system.rss_bytes / 1e6:.0f} MB"
     )
-    throttling = system.get("throttling", {})
-    flags = [str(flag) for flag in throttling.get("rpi_flags", [])]
-    flags += [
-        f"{zone} {'/'.join(kinds)}"
-        for zone, kinds in throttling.get("trip_points_exceeded", {}).items()
-    ]
+    # ``throttling`` is free-form in the schema: the two keys agent.reporting.telemetry writes
+    rpi_flags = system.throttling.get("rpi_flags")
+    tripped = system.throttling.get("trip_points_exceeded")
+    flags = [str(flag) for flag in rpi_flags] if isinstance(rpi_flags, list) else []
+    if isinstance(tripped, dict):
+        flags += [f"{zone} {'/'.join(map(str, kinds))}" for zone, kinds in tripped.items()]
     if flags:
         text += f", throttling: {', '.join(flags)}"
     return text
@@ -91,8 +100,9 @@ def format_telemetry(system: dict[str, Any]) -> str:
 
 class LiveView:
     """An anonymous MQTT client of the agent's broker printing what it receives (see the module
-    docstring). ``start()`` connects (``ReportingError`` if the broker does not answer) and
-    starts the printing thread; ``close()`` stops both."""
+    docstring). ``start()`` connects (``ReportingError`` if the broker does not answer or
+    refuses) and starts the printing thread; ``close()`` stops both, and is also what frees
+    the client after a failed ``start()``."""
 
     def __init__(
         self,
@@ -105,17 +115,19 @@ class LiveView:
     ) -> None:
         self.host = host
         self.port = port
-        self.prefix = prefix.strip("/")
+        self._topics = Topics(prefix.strip("/"))
+        self.prefix = self._topics.prefix
         self._out = out
         self._interval_s = interval_s
         self._lock = threading.Lock()
         self._pipelines: dict[str, _Pipeline] = {}
         self._messages = 0
-        self._telemetry: dict[str, Any] | None = None
+        self._telemetry: SystemTelemetry | None = None
         self._notes: list[str] = []
         self._status: str | None = None
         self._stop = threading.Event()
-        self._connected = threading.Event()
+        self._answered = threading.Event()  # a CONNACK arrived: accepted or refused
+        self._refused: str | None = None
         self._thread: threading.Thread | None = None
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -125,7 +137,7 @@ class LiveView:
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
 
-    # -- lifecycle ---------------------------------------------------------------------------
+    # -- lifecycle (the caller's thread) -------------------------------------------------------
 
     def start(self, timeout_s: float = 10.0) -> None:
         where = f"{self.host}:{self.port}"
@@ -134,9 +146,10 @@ class LiveView:
         except OSError as exc:
             raise ReportingError(f"live view: cannot connect to MQTT {where}: {exc}") from exc
         self._client.loop_start()
-        if not self._connected.wait(timeout_s):
-            self._client.loop_stop()
-            raise ReportingError(f"live view: no CONNACK from MQTT {where} in {timeout_s:.0f} s")
+        if not self._answered.wait(timeout_s):
+            raise ReportingError(f"live view: no CONNACK from MQTT {where} in {timeout_s:g} s")
+        if self._refused is not None:
+            raise ReportingError(f"live view: MQTT {where} refused the connection: {self._refused}")
         self._write(
             [f"{_now()} live view: subscribed to {self.prefix}/# on MQTT {where} (Ctrl-C stops)"]
         )
@@ -144,11 +157,17 @@ class LiveView:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop the printing thread, disconnect and stop paho's thread, print what is left.
+        Safe after a failed ``start()`` and when called twice."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5.0)
-        self._client.disconnect()
-        self._client.loop_stop()
+        try:
+            if self._thread is not None:
+                self._thread.join(5.0)
+        finally:
+            try:
+                self._client.disconnect()  # the network thread sends DISCONNECT, closes
+            finally:
+                self._client.loop_stop()
         self._flush_notes()
 
     # -- MQTT callbacks (paho's network thread) ----------------------------------------------
@@ -162,55 +181,59 @@ class LiveView:
         _props: Properties | None,
     ) -> None:
         if reason.is_failure:
-            _log.warning("live view: MQTT %s:%d refused: %s", self.host, self.port, reason)
-            return
-        client.subscribe(f"{self.prefix}/#", qos=0)
-        self._connected.set()
+            self._refused = str(reason)
+            client.disconnect()  # no reconnect loop: start() reports the refusal
+        else:
+            client.subscribe(f"{self.prefix}/#", qos=0)
+        self._answered.set()
 
     def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
-        relative = msg.topic[len(self.prefix) + 1 :]
+        if self._stop.is_set():  # the printing thread is gone: nothing would show it
+            return
+        relative = self._topics.relative(msg.topic)
+        if relative is None:
+            return
         try:
-            payload = json.loads(msg.payload)
-        except ValueError as exc:
-            _log.debug("live view: %s is not JSON (%s); not shown", msg.topic, exc)
-            return
+            self._take(relative, json.loads(msg.payload))
+        except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+            _log.debug("live view: %s not shown: %s", msg.topic, str(exc).splitlines()[0])
+
+    def _take(self, relative: str, payload: object) -> None:
+        """One message into the current window (``ValueError``/``TypeError`` if unreadable)."""
         if not isinstance(payload, dict):
-            _log.debug("live view: %s is not a JSON object; not shown", msg.topic)
-            return
+            raise TypeError(f"a JSON {type(payload).__name__}, not an object")
         levels = relative.split("/")
+        frame: dict[str, int] | None = None
+        detections = 0
+        note: str | None = None
+        telemetry: SystemTelemetry | None = None
+        status: str | None = None
+        if len(levels) == 3 and levels[0] == "vision" and levels[2] == "detections":
+            found, counts = payload.get("detections", []), payload.get("counts", {})
+            if not isinstance(found, list) or not isinstance(counts, dict):
+                raise TypeError("'detections' is not a list or 'counts' not an object")
+            frame = {str(label): int(n) for label, n in counts.items()}
+            detections = len(found)
+        elif len(levels) == 3 and levels[0] == "llm" and levels[2] == "result":
+            note = _llm_result_line(payload)
+        elif relative == "telemetry":
+            telemetry = TelemetryMessage.model_validate(payload).system
+        elif relative == "status":
+            status = _status_text(StatusMessage.model_validate(payload))
         with self._lock:
             self._messages += 1
-            if len(levels) == 3 and levels[0] == "vision" and levels[2] == "detections":
+            if frame is not None:
                 seen = self._pipelines.setdefault(levels[1], _Pipeline())
                 seen.frames += 1
-                seen.detections += len(payload.get("detections", []))
-                seen.counts = dict(payload.get("counts", {}))
-            elif len(levels) == 3 and levels[0] == "llm" and levels[2] == "result":
-                self._note_llm_result(payload)
-            elif relative == "telemetry":
-                self._telemetry = dict(payload.get("system", {}))
-            elif relative == "status":
-                self._note_status(payload)
-
-    def _note_llm_result(self, payload: dict[str, Any]) -> None:
-        text = " ".join(str(payload.get("text", "")).split())
-        source = payload.get("source") or "llm"
-        who = f"{source} ({payload.get('pipeline', '?')})"
-        if payload.get("status") != "completed":
-            text = f"[{payload.get('status')}] {payload.get('error') or text}"
-        self._notes.append(f"{_now()} {who}: {text}")
-
-    def _note_status(self, payload: dict[str, Any]) -> None:
-        pipelines = payload.get("pipelines") or {}
-        parts = [f"agent {payload.get('agent_state') or '?'}"]
-        if payload.get("reason"):
-            parts.append(str(payload["reason"]))
-        if pipelines:
-            parts.append(", ".join(f"{name} {state}" for name, state in pipelines.items()))
-        status = f"{payload.get('state', '?')} ({'; '.join(parts)})"
-        if status != self._status:
-            self._status = status
-            self._notes.append(f"{_now()} status: {status}")
+                seen.detections += detections
+                seen.counts = frame
+            if note is not None:
+                self._notes.append(note)
+            if telemetry is not None:
+                self._telemetry = telemetry
+            if status is not None and status != self._status:
+                self._status = status
+                self._notes.append(f"{_now()} status: {status}")
 
     # -- printing ----------------------------------------------------------------------------
 
@@ -260,6 +283,26 @@ class LiveView:
             self._stop.set()
 
 
+def _llm_result_line(payload: dict[str, Any]) -> str:
+    """``narrator (assistant): text`` of an ``llm/<id>/result`` (its fields are the LLM
+    pipeline's own, outside the message schema, so they are read leniently)."""
+    text = " ".join(str(payload.get("text", "")).split())
+    who = f"{payload.get('source') or 'llm'} ({payload.get('pipeline', '?')})"
+    if payload.get("status") != "completed":
+        text = f"[{payload.get('status')}] {payload.get('error') or text}"
+    return f"{_now()} {who}: {text}"
+
+
+def _status_text(status: StatusMessage) -> str:
+    """``online (agent ready; street running, assistant running)``."""
+    parts = [f"agent {status.agent_state or '?'}"]
+    if status.reason:
+        parts.append(status.reason)
+    if status.pipelines:
+        parts.append(", ".join(f"{name} {state}" for name, state in status.pipelines.items()))
+    return f"{status.state} ({'; '.join(parts)})"
+
+
 def wants_live_view(view: str, local_broker: bool) -> bool:
     """``--view``: live when asked, or (auto) on a terminal when the local broker will run."""
     if view == "live":
@@ -299,10 +342,17 @@ def start_live_view(broker: LocalBroker | None, device_id: str, out: TextIO) -> 
             "shown — rerun with --view json"
         )
         return None
-    view = LiveView("127.0.0.1", broker.port, f"{broker.topic_root}/{device_id}", out)
+    try:
+        mqtt = broker.mqtt_config()  # what the agent itself reports to: host, port, prefix
+        topics = Topics.for_device(device_id, mqtt.prefix)
+    except (ReportingError, TopicInvalidError) as exc:
+        _log.warning("live view off: %s; the agent keeps running", exc)
+        return None
+    view = LiveView(mqtt.host, mqtt.port, topics.prefix, out)
     try:
         view.start()
     except ReportingError as exc:
+        view.close()
         _log.warning("live view off: %s; the agent keeps running", exc)
         return None
     return view
