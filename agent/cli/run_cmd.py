@@ -232,9 +232,11 @@ def run_agent(
                 view = start_live_view(agent.local_broker, agent.config.device_id, live_view)
             agent.run(duration_s=duration_s, until_finished=until_finished)
         finally:
-            agent.stop()
-            if view is not None:  # after the stop: the view shows the last status too
-                view.close()
+            try:
+                agent.stop()
+            finally:
+                if view is not None:  # after the stop: the view shows the last status too
+                    view.close()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
