@@ -88,6 +88,11 @@ PAYLOAD_PREFIX = "payload/"
 PRE_VERIFY_LIMIT = MAX_MANIFEST_BYTES + MAX_SIGNATURE_BYTES + (1 << 20)
 """Decompressed bytes a reader consumes before the signature has been verified."""
 ZSTD_LEVEL = 6
+_MEMBER_FRAMING = 16 << 10
+"""Tar bytes allowed per payload member besides its content: header, PAX record (long path,
+size, mtime), padding to 512 bytes."""
+_ARCHIVE_TAIL = 64 << 10
+"""End-of-archive blocks, record padding and tarfile's read-ahead."""
 
 BundleProgress = Callable[[float, str], None]
 """``progress(fraction 0..1, message)`` for long steps (the install command's progress)."""
@@ -129,6 +134,10 @@ class _LimitedReader(io.RawIOBase):
         self._raw = raw
         self.limit = limit
         self.consumed = 0
+        self.over = (
+            f"bundle headers exceed {limit} bytes before the signature is checked: not a "
+            "bundle, or a malicious one"
+        )
 
     def readable(self) -> bool:
         return True
@@ -137,18 +146,12 @@ class _LimitedReader(io.RawIOBase):
         if self.limit is not None:
             left = self.limit - self.consumed
             if left < 0:
-                raise BundleFormatError(
-                    f"bundle headers exceed {self.limit} bytes before the signature "
-                    "is checked: not a bundle, or a malicious one"
-                )
+                raise BundleFormatError(self.over)
             size = left + 1 if size < 0 else min(size, left + 1)
         data: bytes = self._raw.read(size)
         self.consumed += len(data)
         if self.limit is not None and self.consumed > self.limit:
-            raise BundleFormatError(
-                f"bundle headers exceed {self.limit} bytes before the signature is "
-                "checked: not a bundle, or a malicious one"
-            )
+            raise BundleFormatError(self.over)
         return data
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
@@ -285,15 +288,27 @@ class BundleReader:
         is about to put its own signature on this manifest (the payload is still checked
         against it member by member)."""
         self.key_id = key_id
-        if self._limited is not None:
-            self._limited.limit = None
+        self._limit_to_payload()
 
     def verify(self, trusted: TrustedKeys) -> str:
         """Check the signature against ``trusted``; the key id. BundleSignatureError if not."""
         self.key_id = verify_manifest(self.manifest_bytes, self.signature, trusted)
-        if self._limited is not None:
-            self._limited.limit = None
+        self._limit_to_payload()
         return self.key_id
+
+    def _limit_to_payload(self) -> None:
+        """From here on read at most the declared payload plus tar framing: the signature
+        covers the manifest, not the tar headers between members, so a giant PAX header (held
+        in memory by tarfile) or endless padding in a re-packed signed bundle stops here."""
+        if self._limited is None:
+            return
+        manifest = self.manifest
+        framing = (len(manifest.files) + 1) * _MEMBER_FRAMING + _ARCHIVE_TAIL
+        self._limited.limit = self._limited.consumed + manifest.total_size + framing
+        self._limited.over = (
+            f"{self.path}: more than the manifest's {manifest.total_size} payload bytes plus "
+            "tar framing: not the signed bundle (re-packed or corrupt)"
+        )
 
     # ------------------------------------------------------------------ payload
 

@@ -256,7 +256,21 @@ def _payload_case(fn: Callable[[Path, Path], Path]) -> Callable[..., Path]:
     return build
 
 
+def _giant_header_after_signature(src: Path, dst: Path) -> Path:
+    # a re-packed signed bundle: the signature covers the manifest, not the tar headers, so a
+    # 64 MiB PAX record (a few KiB compressed) must not be read into memory
+    members = read_members(src)
+    members[3].extra = {"comment": "x" * (64 << 20)}
+    return write_members(dst, members)
+
+
 AFTER_SIGNATURE: dict[str, tuple[Callable[..., Path], type[BundleError], str, str]] = {
+    "giant header after the signature": (
+        _payload_case(_giant_header_after_signature),
+        BundleFormatError,
+        "re-packed",
+        "models/yolo.onnx",
+    ),
     "tampered payload": (
         _payload_case(lambda s, d: tampered_payload(s, d, "models/yolo.onnx")),
         BundleContentError,
