@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tools.perf_report import format_ratio
+from tools.perf_report import BENCHES, Figure, Outcome, _figure_row, _read_figures, format_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "perf_report.py"
@@ -238,3 +238,117 @@ def test_help_has_an_example() -> None:
                           text=True, check=True)  # fmt: skip
     assert "examples:" in proc.stdout
     assert "tools/perf_report.py --quick --only engine,hid --out-dir" in proc.stdout
+
+
+# -- the figures of the other benchmarks, from the JSON they wrote (docs/benchmarks/) ----------
+
+COMMITTED = ROOT / "docs" / "benchmarks"
+
+
+def _committed(name: str) -> dict[str, Any]:
+    return json.loads((COMMITTED / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def _figures(name: str, data: dict[str, Any]) -> dict[str, Figure]:
+    (bench,) = [b for b in BENCHES if b.name == name]
+    figures, notes = bench.figures(data)
+    assert notes
+    return {f.name: f for f in figures}
+
+
+def test_vision_ratios_agree_with_the_benchmarks_own_summary() -> None:
+    data = _committed("vision")
+    figures = _figures("vision", data)
+    throughput = figures["(c) pipeline vs (b) serial loop, throughput"]
+    assert throughput.value == pytest.approx(data["pipeline_fps_median"])
+    assert throughput.baseline == pytest.approx(data["serial_fps_median"])
+    assert throughput.ratio == pytest.approx(data["targets"]["throughput_ratio"]["value"])
+    assert throughput.met is data["targets"]["throughput_ratio"]["met"]
+    agent_parts = figures["(c) pipeline vs (b2) serial loop of the agent's parts"]
+    assert agent_parts.ratio == pytest.approx(data["pipeline_over_serial_agent"])
+    cpu = figures["preprocess + decode/NMS CPU vs inference time"]
+    share = data["targets"]["pre_post_cpu_pct_of_inference"]
+    assert cpu.ratio * 100 == pytest.approx(share["value"], rel=1e-3)  # its inputs are rounded
+    assert cpu.met is share["met"]
+    latest = figures["`latest` @25 FPS end-to-end p99 vs p50"]
+    assert latest.ratio == pytest.approx(data["targets"]["latest_e2e_p99_over_p50"]["value"])
+
+
+def test_llm_ratios_agree_with_the_benchmarks_own_summary() -> None:
+    data = _committed("llm")
+    summary, met = data["summary"], data["summary"]["targets"]
+    figures = _figures("llm", data)
+    decode = figures["pipeline decode vs bare llama.cpp"]
+    assert decode.ratio == pytest.approx(summary["decode_ratio_pipeline_to_raw"], abs=1e-3)
+    assert decode.met is met["decode_ratio>=0.98"]
+    ttft = figures["pipeline time to first token vs bare llama.cpp"]
+    assert ttft.value - ttft.baseline == pytest.approx(summary["ttft_overhead_ms"], abs=0.01)
+    assert ttft.met is met["ttft_overhead<=10ms"]
+    cancel = figures["cancel during decode -> request ended, vs one decode step"]
+    assert cancel.ratio == pytest.approx(summary["cancel_decode_in_steps"], abs=1e-3)
+    assert cancel.met is met["cancel<=1_decode_step"]
+    (prefix,) = [f for name, f in figures.items() if name.startswith("TTFT speed-up")]
+    assert prefix.ratio == pytest.approx(summary["prefix_speedup"], abs=0.01)
+    assert prefix.met is met["prefix_speedup>=5x"]
+
+
+def test_mqtt_ratios_agree_with_the_benchmarks_own_summary() -> None:
+    data = _committed("mqtt")
+    figures = _figures("mqtt", data)
+    detections = figures["outbox QoS 1, detections (group commit) vs raw paho"]
+    assert detections.ratio == pytest.approx(data["ratio_outbox_to_raw"], abs=1e-3)
+    assert detections.met is data["meets_target"]
+    events = figures["outbox QoS 1, events (committed in publish) vs raw paho"]
+    assert events.ratio == pytest.approx(data["ratio_outbox_events_to_raw"], abs=1e-3)
+    assert events.met is data["meets_target_events"]
+
+
+# -- a JSON the report cannot turn into ratios: reported, never a traceback -------------------
+
+
+def _read(tmp_path: Path, name: str, data: dict[str, Any]) -> Outcome:
+    (bench,) = [b for b in BENCHES if b.name == name]
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    outcome = Outcome(bench, [sys.executable, bench.script])
+    _read_figures(outcome, path, started=0.0)
+    return outcome
+
+
+def test_a_zero_baseline_is_a_failed_benchmark_not_a_crash(tmp_path: Path) -> None:
+    data = _committed("hid")
+    data["usb_reports_per_s"] = 0
+    outcome = _read(tmp_path, "hid", data)
+    assert outcome.error is not None
+    assert outcome.error.startswith(f"{tmp_path / 'hid.json'}: a baseline measured zero (")
+    assert outcome.figures == []
+
+
+def test_a_zero_baseline_judged_on_its_difference_is_reported_without_a_ratio(
+    tmp_path: Path,
+) -> None:
+    data = _committed("engine")
+    data["allocations"]["first"]["engine_bytes"] = 0
+    outcome = _read(tmp_path, "engine", data)
+    assert outcome.ok, outcome.error
+    (alloc,) = [f for f in outcome.figures if f.name.startswith("live bytes")]
+    assert alloc.as_json()["ratio"] is None
+    assert alloc.met is (data["allocations"]["last"]["engine_bytes"] <= 1024)
+    assert "| **n/a** |" in _figure_row(alloc)
+
+
+def test_an_empty_series_is_a_failed_benchmark_not_a_crash(tmp_path: Path) -> None:
+    data = _committed("vision")
+    data["serial_rounds"] = []
+    outcome = _read(tmp_path, "vision", data)
+    assert outcome.error is not None
+    assert "a series of measurements is empty" in outcome.error
+
+
+def test_timeout_must_be_positive(tmp_path: Path) -> None:
+    run = run_tool(tmp_path, dict(os.environ), "--timeout", "0")
+    assert run.returncode == 2
+    assert (
+        run.stderr.strip().splitlines()[-1].endswith("argument --timeout: '0' must be more than 0")
+    )
+    assert "Traceback" not in run.stderr

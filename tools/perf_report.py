@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import operator
 import os
 import platform
@@ -104,7 +105,9 @@ class Figure:
 
     @property
     def ratio(self) -> float:
-        return self.value / self.baseline
+        """value / baseline; NaN for a zero baseline, which only a figure judged on its
+        difference may have (``_read_figures`` reports any other as a failure)."""
+        return self.value / self.baseline if self.baseline else math.nan
 
     @property
     def met(self) -> bool | None:
@@ -118,7 +121,7 @@ class Figure:
             "baseline": self.baseline,
             "baseline_label": self.baseline_label,
             "unit": self.unit,
-            "ratio": self.ratio,
+            "ratio": None if math.isnan(self.ratio) else self.ratio,
             "difference": self.value - self.baseline,
             "target": self.target.text() if self.target else None,
             "met": self.met,
@@ -689,13 +692,26 @@ def _read_figures(outcome: Outcome, json_path: Path, started: float) -> None:
         return
     try:
         data = json.loads(json_path.read_text(encoding="utf-8"))
-        outcome.figures, outcome.notes = outcome.bench.figures(data)
+        figures, notes = outcome.bench.figures(data)
     except json.JSONDecodeError as exc:
         outcome.error = f"{json_path} is not valid JSON: {exc}"
-    except (KeyError, IndexError, TypeError) as exc:
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
         outcome.error = f"{json_path} lacks an expected field ({type(exc).__name__}: {exc})"
+    except statistics.StatisticsError as exc:
+        outcome.error = f"{json_path}: a series of measurements is empty ({exc})"
     except ZeroDivisionError:
         outcome.error = f"{json_path}: a baseline measured zero"
+    else:
+        # a ratio is computed when the report is written: a zero baseline fails here, named
+        zero = [
+            f.name
+            for f in figures
+            if f.baseline == 0 and (f.target is None or f.target.on == "ratio")
+        ]
+        if zero:
+            outcome.error = f"{json_path}: a baseline measured zero ({'; '.join(zero)})"
+        else:
+            outcome.figures, outcome.notes = figures, notes
     outcome.json_path = json_path
     png = json_path.with_suffix(".png")
     outcome.png_path = png if png.is_file() and png.stat().st_mtime >= started - 1 else None
@@ -823,11 +839,18 @@ def format_number(value: float) -> str:
 
 
 def format_ratio(value: float) -> str:
+    if math.isnan(value):
+        return "n/a"
     if abs(value) >= 100:
         return f"{value:.0f}"
     if abs(value) >= 10:
         return f"{value:.1f}"
     return f"{value:.3f}"
+
+
+def _times(ratio: float) -> str:
+    """``1.013x``, or ``n/a`` for a figure with a zero baseline (judged on its difference)."""
+    return "n/a" if math.isnan(ratio) else f"{format_ratio(ratio)}x"
 
 
 def _met_text(met: bool | None) -> str:
@@ -840,7 +863,7 @@ def _figure_row(figure: Figure) -> str:
     name = figure.name + (f"<br><sub>{figure.note}</sub>" if figure.note else "")
     target = _target_text(figure)
     return (
-        f"| {name} | {measured} | {baseline} | **{format_ratio(figure.ratio)}x** | {target} "
+        f"| {name} | {measured} | {baseline} | **{_times(figure.ratio)}** | {target} "
         f"| {_met_text(figure.met)} |"
     )
 
@@ -950,7 +973,7 @@ def write_markdown(
         for figure in outcome.figures:
             target = _target_text(figure)
             lines.append(
-                f"| {outcome.bench.name} | {figure.name} | {format_ratio(figure.ratio)}x "
+                f"| {outcome.bench.name} | {figure.name} | {_times(figure.ratio)} "
                 f"| {target} | {_met_text(figure.met)} |"
             )
     lines.append("")
@@ -1012,11 +1035,11 @@ def plot_summary(outcomes: list[Outcome], path: Path, machine: dict[str, Any]) -
     colors = {True: "#3a9a4a", False: "#c0392b", None: "#8a8a8a"}
     for ax, outcome in zip(axes[:, 0], ran, strict=True):
         figures = outcome.figures[::-1]
-        ratios = [f.ratio for f in figures]
+        ratios = [0.0 if math.isnan(f.ratio) else f.ratio for f in figures]
         y = list(range(len(figures)))
         ax.barh(y, ratios, color=[colors[f.met] for f in figures])
         for i, figure in enumerate(figures):
-            ax.text(figure.ratio, i, f" {format_ratio(figure.ratio)}x", va="center", fontsize=8)
+            ax.text(ratios[i], i, f" {_times(figure.ratio)}", va="center", fontsize=8)
             if figure.target is not None and figure.target.on == "ratio":
                 ax.plot([figure.target.threshold] * 2, [i - 0.4, i + 0.4], color="black", lw=2)
         ax.axvline(1.0, color="#444444", lw=0.8, linestyle=":")
@@ -1059,6 +1082,16 @@ def parse_only(text: str) -> list[str]:
     return names
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tools/perf_report.py",
@@ -1095,7 +1128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_seconds,
         default=1200.0,
         help="seconds one benchmark may run before it is stopped and reported failed "
         "(default 1200)",
@@ -1149,7 +1182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_before": list(load_before),
         "load_after": list(os.getloadavg()),
     }
-    command_line = shlex.join(["python", "tools/perf_report.py", *(argv or sys.argv[1:])])
+    given = sys.argv[1:] if argv is None else list(argv)
+    command_line = shlex.join(["python", "tools/perf_report.py", *given])
     summary_png = plot_summary(outcomes, bench_dir / "performance.png", machine)
     report = out_dir / "performance.md"
     write_markdown(
