@@ -10,6 +10,7 @@ import io
 import re
 import shlex
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +129,66 @@ def test_help_has_a_valid_example(parser: argparse.ArgumentParser) -> None:
         else:
             problems.append(f"{shlex.join(words)!r} does not run `{parser.prog}`")
     pytest.fail(f"`{parser.prog} --help`: no example invokes it: {problems}")
+
+
+# -- the README's commands ---------------------------------------------------------------------
+
+_README = Path(__file__).resolve().parents[1] / "README.md"
+_COMMAND = re.compile(r"(?:^|[\s/])(edge-agent [^`\n]*)")
+
+
+def readme_commands(text: str) -> tuple[list[list[str]], list[list[str]]]:
+    """The ``edge-agent ...`` commands in ``text`` (a markdown file), cut like the help's
+    examples: those in indented code blocks (to be typed), and those in inline code (which may
+    wrap over lines, and may name a command without its arguments)."""
+    lines = text.splitlines()
+    block = [line for line in lines if line.startswith("    ")]
+    prose = "\n".join(line for line in lines if not line.startswith("    "))
+    prose = re.sub(r"^```.*?^```", "", prose, flags=re.MULTILINE | re.DOTALL)
+    spans = [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)]
+    return _commands_in(block), _commands_in(spans)
+
+
+def _commands_in(sources: list[str]) -> list[list[str]]:
+    commands = []
+    for source in sources:
+        for found in _COMMAND.finditer(source):
+            line = re.split(r"\s#|\s{2,}", found.group(1).strip(), maxsplit=1)[0]
+            words = shlex.split(line)
+            for i, word in enumerate(words):
+                if word in _SHELL_OPERATORS:
+                    words = words[:i]
+                    break
+            commands.append(words)
+    return commands
+
+
+def test_readme_commands_are_found() -> None:
+    text = (
+        "run `edge-agent models pull\nNAME` or `systemctl edit edge-agent`:\n\n"
+        "    /opt/edge-agent/venv/bin/edge-agent info       # engines\n"
+        "    libcamerify edge-agent run --config FILE | tee x\n\n"
+        "```toml\nname = `edge-agent x`\n```\n"
+    )
+    assert readme_commands(text) == (
+        [["edge-agent", "info"], ["edge-agent", "run", "--config", "FILE"]],
+        [["edge-agent", "models", "pull", "NAME"]],
+    )
+
+
+def test_every_readme_command_is_a_valid_invocation() -> None:
+    blocks, spans = readme_commands(_README.read_text(encoding="utf-8"))
+    assert len(blocks) >= 3, blocks  # the README shows the CLI throughout
+    assert len(spans) >= 5, spans
+    problems = []
+    for words, mention_ok in [*((w, False) for w in blocks), *((w, True) for w in spans)]:
+        if "--help" in words or "-h" in words:
+            continue  # argparse prints the help and exits 0 for any valid command path
+        parsed = _parse(words)
+        if isinstance(parsed, str):
+            # inline prose may name a command without its arguments ("`config validate`")
+            if not (mention_ok and "the following arguments are required" in parsed):
+                problems.append(f"{shlex.join(words)!r}: {parsed}")
+        elif getattr(parsed, "func", None) is None:
+            problems.append(f"{shlex.join(words)!r} names no command")
+    assert not problems, problems
