@@ -1,6 +1,7 @@
 """Every ``edge-agent`` command and sub-command teaches by example: its ``--help`` has an
-``Example:``/``Examples:`` section, and at least one example there is a valid invocation of
-that very command (parsed by the real parser, reaching the command's own handler)."""
+``Example:``/``Examples:`` section, every example there is accepted by the real parser, and at
+least one is an invocation of that very command (reaching the command's own handler). The
+README's ``edge-agent`` commands are checked the same way."""
 
 from __future__ import annotations
 
@@ -119,16 +120,15 @@ def test_help_has_a_valid_example(parser: argparse.ArgumentParser) -> None:
     help_text = parser.format_help()
     commands = example_commands(help_text)
     assert commands, f"`{parser.prog} --help` has no 'Example:'/'Examples:' section"
-    problems = []
+    invalid, reaching = [], []
     for words in commands:
         parsed = _parse(words)
         if isinstance(parsed, str):
-            problems.append(f"{shlex.join(words)!r}: {parsed}")
+            invalid.append(f"{shlex.join(words)!r}: {parsed}")
         elif _reaches(parser, words, parsed):
-            return
-        else:
-            problems.append(f"{shlex.join(words)!r} does not run `{parser.prog}`")
-    pytest.fail(f"`{parser.prog} --help`: no example invokes it: {problems}")
+            reaching.append(words)
+    assert not invalid, f"`{parser.prog} --help` shows examples the parser rejects: {invalid}"
+    assert reaching, f"`{parser.prog} --help`: no example invokes it: {commands}"
 
 
 # -- the README's commands ---------------------------------------------------------------------
