@@ -27,6 +27,7 @@ version's first trial.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -139,6 +140,20 @@ class Installer:
     def install(self, bundle: Path, *, allow_downgrade: bool = False) -> InstallResult:
         """Install ``bundle`` into the inactive slot and switch ``current`` to it; the caller
         restarts the service. Raises a BundleError subclass (one line, a reason code)."""
+        try:
+            return self._install(bundle, allow_downgrade=allow_downgrade)
+        except OSError as exc:  # our own files (slot, state.json, current): one line
+            where = f" ({exc.filename})" if exc.filename else ""
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise BundleSpaceError(
+                    f"disk full while installing {bundle.name}{where}; free space and install "
+                    "again (the active slot is untouched)"
+                ) from exc
+            raise BundleError(
+                f"installing {bundle.name} failed: {exc.strerror or exc}{where}"
+            ) from exc
+
+    def _install(self, bundle: Path, *, allow_downgrade: bool) -> InstallResult:
         with self.store.lock():
             self._reached("locked")
             state = self.store.read_state()
@@ -162,7 +177,10 @@ class Installer:
                 self._reached("compat_checked")
                 self._check_downgrade(
                     manifest.version,
-                    None if previous is None else previous.version,
+                    _newest(
+                        None if previous is None else previous.version,
+                        None if state.committed is None else state.committed.version,
+                    ),
                     allow_downgrade or self.config.allow_downgrade,
                 )
                 self._reached("downgrade_checked")
@@ -318,6 +336,26 @@ class Installer:
         if point == self._crash_at:
             _log.warning("test crash point %s reached: SIGKILL", point)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _newest(*versions: str | None) -> str | None:
+    """The highest of ``versions`` (None ignored; an unparsable one wins, so the downgrade
+    check reports it instead of passing silently)."""
+    known = [v for v in versions if v is not None]
+    if not known:
+        return None
+    try:
+        return max(known, key=Version)
+    except InvalidVersion:
+        return next(v for v in known if not _is_version(v))
+
+
+def _is_version(text: str) -> bool:
+    try:
+        Version(text)
+    except InvalidVersion:
+        return False
+    return True
 
 
 def run_hook(hook: Path, slot_dir: Path, version: str, timeout_s: float) -> None:

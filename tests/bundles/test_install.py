@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from bundle_support import BundleKeys
+from bundle_support import BundleKeys, tampered_payload, with_oversized_member
 from install_support import (
     agent_wheel,
     config_text,
@@ -25,6 +25,7 @@ from agent.bundles.slots import BootState, SlotStore
 from agent.bundles.target import detect_target
 from agent.errors import (
     BundleBusyError,
+    BundleContentError,
     BundleDowngradeError,
     BundleError,
     BundleHookError,
@@ -133,6 +134,52 @@ def test_wrong_key_is_refused_before_any_slot_write(
     with pytest.raises(BundleSignatureError):
         _installer(tmp_path / "state", bundle_keys).install(bundle)
     assert not (tmp_path / "state/bundles/slots").exists()
+
+
+@pytest.mark.parametrize("damage", ["tampered", "oversized"])
+def test_bad_payload_leaves_the_active_slot_current_and_state_as_they_were(
+    tmp_path: Path, bundle_keys: BundleKeys, damage: str
+) -> None:
+    _install(tmp_path, bundle_keys, "1.0.0")
+    store = SlotStore(tmp_path / "state")
+    commit(store, "a", "1.0.0")
+    slot_a = tree_digest(store.slot_dir("a"))
+    state = store.read_state()
+    good = write_test_bundle(tmp_path / "good.bundle", bundle_keys, "1.1.0", _files("1.1.0"))
+    bad = tmp_path / "bad.bundle"
+    if damage == "tampered":
+        tampered_payload(good, bad, "models/detector.onnx")
+    else:
+        with_oversized_member(good, bad, "models/detector.onnx", b"\0" * 4096)
+    with pytest.raises(BundleContentError) as info:
+        _installer(tmp_path / "state", bundle_keys).install(bad)
+    assert "models/detector.onnx" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert tree_digest(store.slot_dir("a")) == slot_a
+    assert store.current_slot() == "a"
+    assert store.read_state() == state
+    assert store.installed("b") is None  # garbage, wiped by the next install
+    assert not (store.files_dir("b") / "models/detector.onnx").exists()
+    # only the staging slot was written: nothing else under bundles/
+    assert sorted(p.name for p in store.root.iterdir()) == [
+        "current",
+        "install.lock",
+        "slots",
+        "state.json",
+    ]
+    assert sorted(p.name for p in (store.root / "slots").iterdir()) == ["a", "b"]
+
+
+def test_downgrade_against_the_committed_version_when_current_is_unreadable(
+    tmp_path: Path, bundle_keys: BundleKeys
+) -> None:
+    _install(tmp_path, bundle_keys, "2.0.0")
+    store = SlotStore(tmp_path / "state")
+    commit(store, "a", "2.0.0")
+    (store.slot_dir("a") / "INSTALLED").write_bytes(b"not json")
+    with pytest.raises(BundleDowngradeError, match=r"not newer than the installed 2\.0\.0"):
+        _install(tmp_path, bundle_keys, "1.0.0")
+    assert store.current_slot() == "a"
 
 
 def test_downgrade_refused_unless_allowed(tmp_path: Path, bundle_keys: BundleKeys) -> None:
