@@ -192,3 +192,18 @@ def test_every_readme_command_is_a_valid_invocation() -> None:
         elif getattr(parsed, "func", None) is None:
             problems.append(f"{shlex.join(words)!r} names no command")
     assert not problems, problems
+
+
+def test_every_readme_config_validates(tmp_path: Path) -> None:
+    """The README's TOML examples pass ``edge-agent config validate`` (what it promises)."""
+    blocks = re.findall(r"^```toml\n(.*?)^```", _README.read_text(encoding="utf-8"), re.M | re.S)
+    assert len(blocks) >= 2, "the install guide's Jetson and Pi configs"
+    for index, block in enumerate(blocks):
+        path = tmp_path / f"readme-{index}.toml"
+        path.write_text(block, encoding="utf-8")
+        args = build_parser().parse_args(["config", "validate", str(path)])
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            status = args.func(args)
+        assert status == 0, f"README TOML block {index + 1}:\n{block}\n{out.getvalue()}"
+        assert out.getvalue().strip() == f"{path}: ok"
