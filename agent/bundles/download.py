@@ -134,6 +134,7 @@ def _locked_download(
     """The download under ``<key>.lock`` (a second process for the same URL: busy)."""
     partial, final = download_paths(url, dest_dir)
     lock_path = partial.with_suffix(".lock")
+    _drop_links(dest_dir, lock_path, partial, final)
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(fetch.exclusive_lock(lock_path, url))
@@ -167,6 +168,24 @@ def _locked_download(
                 f"cannot move the downloaded bundle {partial} to {final} ({exc.strerror})"
             ) from exc
     return final
+
+
+def _drop_links(dest_dir: Path, *paths: Path) -> None:
+    """Never write through a symbolic link: run as root in the service user's state directory,
+    a link planted as the partial file would have the download appended to its target."""
+    if dest_dir.is_symlink():
+        raise BundleDownloadError(
+            f"download folder {dest_dir} is a symbolic link; it must be a real folder (remove it)"
+        )
+    for path in paths:
+        if path.is_symlink():
+            _log.warning("bundle download: %s is a symbolic link, removed (not followed)", path)
+            try:
+                path.unlink()
+            except OSError as exc:
+                raise BundleDownloadError(
+                    f"cannot remove the symbolic link {path} ({exc.strerror})"
+                ) from exc
 
 
 def _download(

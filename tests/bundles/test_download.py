@@ -248,3 +248,27 @@ def test_a_real_bundle_resumed_after_a_drop_verifies(
         assert reader.manifest.version == "1.2.0"
         reader.extract_to(tmp_path / "files")
     assert (tmp_path / "files" / "models" / "m.onnx").read_bytes() == model
+
+
+def test_planted_symlinks_are_removed_not_followed(server: BundleServer, tmp_path: Path) -> None:
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    partial, final = download_paths(server.url(), dest)
+    for path in (partial, final, partial.with_suffix(".lock")):
+        path.symlink_to(victim)
+    path = _download(server, dest)
+    assert victim.read_bytes() == b"keep me"
+    assert not path.is_symlink()
+    assert _sha(path.read_bytes()) == _sha(BODY)
+    assert server.requests == [None]  # the link was not taken for a partial download
+
+
+def test_symlinked_download_folder_is_refused(server: BundleServer, tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "dl").symlink_to(real)
+    with pytest.raises(BundleDownloadError, match="symbolic link"):
+        _download(server, tmp_path / "dl")
+    assert list(real.iterdir()) == []
