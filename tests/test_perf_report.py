@@ -352,3 +352,10 @@ def test_timeout_must_be_positive(tmp_path: Path) -> None:
         run.stderr.strip().splitlines()[-1].endswith("argument --timeout: '0' must be more than 0")
     )
     assert "Traceback" not in run.stderr
+
+
+def test_a_pipe_in_a_figure_or_an_error_stays_inside_its_table_cell() -> None:
+    row = _figure_row(Figure("a | b", 2.0, "x", 1.0, "y", "ms", note="exit 1: p | q"))
+    assert len(re.findall(r"(?<!\\)\|", row)) == 7, row  # six columns
+    assert "a \\| b" in row
+    assert "exit 1: p \\| q" in row

@@ -848,6 +848,11 @@ def format_ratio(value: float) -> str:
     return f"{value:.3f}"
 
 
+def _cell(text: str | None) -> str:
+    """``text`` safe inside a markdown table cell (a benchmark's error line may hold ``|``)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def _times(ratio: float) -> str:
     """``1.013x``, or ``n/a`` for a figure with a zero baseline (judged on its difference)."""
     return "n/a" if math.isnan(ratio) else f"{format_ratio(ratio)}x"
@@ -860,7 +865,7 @@ def _met_text(met: bool | None) -> str:
 def _figure_row(figure: Figure) -> str:
     measured = f"{format_number(figure.value)} {figure.unit} ({figure.value_label})"
     baseline = f"{format_number(figure.baseline)} {figure.unit} ({figure.baseline_label})"
-    name = figure.name + (f"<br><sub>{figure.note}</sub>" if figure.note else "")
+    name = _cell(figure.name) + (f"<br><sub>{_cell(figure.note)}</sub>" if figure.note else "")
     target = _target_text(figure)
     return (
         f"| {name} | {measured} | {baseline} | **{_times(figure.ratio)}** | {target} "
@@ -968,12 +973,12 @@ def write_markdown(
     ]
     for outcome in outcomes:
         if not outcome.ok:
-            lines.append(f"| {outcome.bench.name} | **failed**: {outcome.error} | | | |")
+            lines.append(f"| {outcome.bench.name} | **failed**: {_cell(outcome.error)} | | | |")
             continue
         for figure in outcome.figures:
             target = _target_text(figure)
             lines.append(
-                f"| {outcome.bench.name} | {figure.name} | {_times(figure.ratio)} "
+                f"| {outcome.bench.name} | {_cell(figure.name)} | {_times(figure.ratio)} "
                 f"| {target} | {_met_text(figure.met)} |"
             )
     lines.append("")
