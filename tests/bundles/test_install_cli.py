@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from agent_process_support import ROOT, base_env
-from bundle_support import BundleKeys
+from bundle_support import BundleKeys, tampered_payload, without_signature
 from http_support import serving
 from install_support import config_text, write_test_bundle
 
@@ -85,6 +85,29 @@ def test_errors_are_one_line_with_the_reason(tmp_path: Path, bundle_keys: Bundle
     nothing = _cli("rollback", "--no-restart", "--config", config)
     assert nothing.returncode == 1
     assert "[bundle_invalid]: nothing to roll back" in nothing.stderr
+
+
+def test_unsigned_and_tampered_bundles_are_one_line_refusals(
+    tmp_path: Path, bundle_keys: BundleKeys
+) -> None:
+    config = _config(tmp_path, bundle_keys)
+    good = _bundle(tmp_path, bundle_keys, "1.0.0")
+    cases = {
+        "bundle_signature_invalid": without_signature(good, tmp_path / "unsigned.bundle"),
+        "bundle_content_invalid": tampered_payload(
+            good, tmp_path / "tampered.bundle", "config/agent.toml"
+        ),
+    }
+    store = SlotStore(tmp_path / "state")
+    for reason, bad in cases.items():
+        done = _cli("install", bad, "--no-restart", "--config", config)
+        assert done.returncode == 1, done.stdout
+        lines = done.stderr.strip().splitlines()
+        assert lines[-1].startswith(f"edge-agent: error [{reason}]: "), done.stderr
+        assert "Traceback" not in done.stderr
+        assert store.current_slot() is None
+        assert store.installed("a") is None
+        assert store.read_state().pending is None
 
 
 def test_second_install_gets_busy(tmp_path: Path, bundle_keys: BundleKeys) -> None:
