@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import io
 import json
+import logging
 import os
 import pty
 import re
@@ -159,8 +160,9 @@ def _view_threads() -> list[threading.Thread]:
 
 
 def test_view_shows_what_the_agent_publishes_and_skips_what_it_cannot_read(
-    mosquitto: Path, tmp_path: Path
+    mosquitto: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="agent.cli.live_view")
     broker = LocalBroker(mosquitto, device_id="dev1", state_dir=tmp_path)
     broker.start()
     out = _Out()
@@ -231,6 +233,15 @@ def test_view_shows_what_the_agent_publishes_and_skips_what_it_cannot_read(
     assert (
         "| temp 51.2°C, load 1.43, agent 92% CPU 312 MB, throttling: under_voltage |" in street
     ), street
+    # each unreadable message logged with its topic: a warning for the first of its kind
+    skipped = [r for r in caplog.records if " not shown: " in r.getMessage()]
+    assert [(r.levelname, r.getMessage().split(" not shown")[0]) for r in skipped] == [
+        ("WARNING", "live view: edge/dev1/vision/street/detections"),
+        ("DEBUG", "live view: edge/dev1/vision/street/detections"),
+        ("DEBUG", "live view: edge/dev1/vision/street/detections"),
+        ("WARNING", "live view: edge/dev1/telemetry"),
+        ("WARNING", "live view: edge/dev1/status"),
+    ]
     # close() stopped the printing thread and paho's network thread
     assert not _view_threads(), _view_threads()
 

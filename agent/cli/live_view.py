@@ -128,6 +128,7 @@ class LiveView:
         self._stop = threading.Event()
         self._answered = threading.Event()  # a CONNACK arrived: accepted or refused
         self._refused: str | None = None
+        self._warned: set[str] = set()  # topic kinds (first level) with an unreadable message
         self._thread: threading.Thread | None = None
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -196,7 +197,11 @@ class LiveView:
         try:
             self._take(relative, json.loads(msg.payload))
         except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
-            _log.debug("live view: %s not shown: %s", msg.topic, str(exc).splitlines()[0])
+            # warned once per kind of topic (a bug would repeat it per frame), then debug
+            kind = relative.split("/")[0]
+            level = logging.DEBUG if kind in self._warned else logging.WARNING
+            self._warned.add(kind)
+            _log.log(level, "live view: %s not shown: %s", msg.topic, str(exc).splitlines()[0])
 
     def _take(self, relative: str, payload: object) -> None:
         """One message into the current window (``ValueError``/``TypeError`` if unreadable)."""
