@@ -247,43 +247,57 @@ def test_view_shows_what_the_agent_publishes_and_skips_what_it_cannot_read(
 
 
 class _FakeBroker:
-    """A TCP listener on 127.0.0.1 that reads the CONNECT and answers ``reply`` (or nothing)."""
+    """A TCP listener on 127.0.0.1 that answers each packet it reads with the next of
+    ``replies``, then only reads."""
 
-    def __init__(self, reply: bytes | None) -> None:
+    def __init__(self, replies: list[bytes]) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
-        self.reply = reply
+        self.replies = replies
         self.conns: list[socket.socket] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
-        with contextlib.suppress(OSError):  # the server closed by close()
+        with contextlib.suppress(OSError):  # the sockets closed by close()
             conn, _ = self.server.accept()
             self.conns.append(conn)
-            conn.recv(1024)
-            if self.reply is not None:
-                conn.sendall(self.reply)
+            for reply in self.replies:
+                conn.recv(1024)
+                conn.sendall(reply)
+            while conn.recv(1024):
+                pass
 
     def close(self) -> None:
         self.server.close()
         for conn in self.conns:
+            with contextlib.suppress(OSError):  # the view may have closed its end already
+                conn.shutdown(socket.SHUT_RDWR)
             conn.close()
         self.thread.join(5)
 
 
+CONNACK_OK = b"\x20\x03\x00\x00\x00"  # MQTT 5 CONNACK: no session, success, no properties
+CONNACK_NOT_AUTHORIZED = b"\x20\x03\x00\x87\x00"
+SUBACK_NOT_AUTHORIZED = b"\x90\x04\x00\x01\x00\x87"  # packet id 1, no properties, 0x87
+
+
 @pytest.mark.parametrize(
-    ("reply", "message"),
+    ("replies", "message"),
     [
-        # MQTT 5 CONNACK: no session, reason 0x87 "Not authorized", no properties
-        (b"\x20\x03\x00\x87\x00", "MQTT 127.0.0.1:{port} refused the connection: Not authorized"),
-        (None, "no CONNACK from MQTT 127.0.0.1:{port} in 0.5 s"),
+        ([CONNACK_NOT_AUTHORIZED], "MQTT 127.0.0.1:{port} refused: Not authorized"),
+        (
+            [CONNACK_OK, SUBACK_NOT_AUTHORIZED],
+            "MQTT 127.0.0.1:{port} refused: the subscription to edge/dev1/#: Not authorized",
+        ),
+        ([], "no answer from MQTT 127.0.0.1:{port} in 0.5 s"),
     ],
+    ids=["connack-refused", "suback-refused", "silent"],
 )
 def test_view_start_failure_is_one_line_and_frees_the_client(
-    reply: bytes | None, message: str
+    replies: list[bytes], message: str
 ) -> None:
-    fake = _FakeBroker(reply)
+    fake = _FakeBroker(replies)
     try:
         view = LiveView("127.0.0.1", fake.port, "edge/dev1", _Out())
         with pytest.raises(ReportingError) as caught:

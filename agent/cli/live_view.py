@@ -126,7 +126,7 @@ class LiveView:
         self._notes: list[str] = []
         self._status: str | None = None
         self._stop = threading.Event()
-        self._answered = threading.Event()  # a CONNACK arrived: accepted or refused
+        self._answered = threading.Event()  # refused (CONNACK/SUBACK) or subscribed
         self._refused: str | None = None
         self._warned: set[str] = set()  # topic kinds (first level) with an unreadable message
         self._thread: threading.Thread | None = None
@@ -137,6 +137,7 @@ class LiveView:
         )
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
 
     # -- lifecycle (the caller's thread) -------------------------------------------------------
 
@@ -148,9 +149,9 @@ class LiveView:
             raise ReportingError(f"live view: cannot connect to MQTT {where}: {exc}") from exc
         self._client.loop_start()
         if not self._answered.wait(timeout_s):
-            raise ReportingError(f"live view: no CONNACK from MQTT {where} in {timeout_s:g} s")
+            raise ReportingError(f"live view: no answer from MQTT {where} in {timeout_s:g} s")
         if self._refused is not None:
-            raise ReportingError(f"live view: MQTT {where} refused the connection: {self._refused}")
+            raise ReportingError(f"live view: MQTT {where} refused: {self._refused}")
         self._write(
             [f"{_now()} live view: subscribed to {self.prefix}/# on MQTT {where} (Ctrl-C stops)"]
         )
@@ -184,8 +185,24 @@ class LiveView:
         if reason.is_failure:
             self._refused = str(reason)
             client.disconnect()  # no reconnect loop: start() reports the refusal
-        else:
+            self._answered.set()
+        else:  # start() returns once the SUBACK is in: nothing published after it is missed
             client.subscribe(f"{self.prefix}/#", qos=0)
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        _userdata: object,
+        _mid: int,
+        reasons: list[ReasonCode],
+        _props: Properties | None,
+    ) -> None:
+        failed = [str(reason) for reason in reasons if reason.is_failure]
+        if failed and not self._answered.is_set():
+            self._refused = f"the subscription to {self.prefix}/#: {', '.join(failed)}"
+            client.disconnect()
+        elif failed:  # a resubscription after a reconnect
+            _log.warning("live view: subscription to %s/# refused: %s", self.prefix, failed)
         self._answered.set()
 
     def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
