@@ -66,7 +66,7 @@ from agent.errors import (
     BundleSignatureError,
     BundleSpaceError,
 )
-from engines.fetch import CHUNK, fsync_dir
+from engines.fetch import CHUNK, fsync_dir, hash_file
 
 __all__ = [
     "MANIFEST_MEMBER",
@@ -126,7 +126,19 @@ def _member_kind(member: tarfile.TarInfo) -> str:
     return "a regular file"
 
 
-class _LimitedReader(io.RawIOBase):
+class _ReadOnly(io.RawIOBase):
+    """A readable raw stream whose subclasses implement only ``read``."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class _LimitedReader(_ReadOnly):
     """Reads from ``raw`` but fails once more than ``limit`` bytes were read (None: no limit)."""
 
     def __init__(self, raw: IO[bytes], limit: int | None) -> None:
@@ -139,9 +151,6 @@ class _LimitedReader(io.RawIOBase):
             "bundle, or a malicious one"
         )
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, size: int = -1) -> bytes:
         if self.limit is not None:
             left = self.limit - self.consumed
@@ -153,11 +162,6 @@ class _LimitedReader(io.RawIOBase):
         if self.limit is not None and self.consumed > self.limit:
             raise BundleFormatError(self.over)
         return data
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
 
 class BundleReader:
@@ -550,10 +554,7 @@ def _hash_source(item: PayloadSource) -> BundleFile:
         st = item.source.stat()
         if not item.source.is_file():
             raise BundleContentError(f"{item.source} (for {item.path}) is not a regular file")
-        digest = hashlib.sha256()
-        with item.source.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+        digest = hash_file(item.source, total=st.st_size)
     except OSError as exc:
         raise BundleContentError(
             f"cannot read {item.source} (for {item.path}): {exc.strerror}"
@@ -580,7 +581,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None
     tar.addfile(_tar_info(name, len(data), mtime), io.BytesIO(data))
 
 
-class _HashingReader(io.RawIOBase):
+class _HashingReader(_ReadOnly):
     """Passes reads through while hashing and counting, for copying a member into a tar."""
 
     def __init__(self, raw: IO[bytes]) -> None:
@@ -589,19 +590,11 @@ class _HashingReader(io.RawIOBase):
         self.digest = hashlib.sha256()
         self.count = 0
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, size: int = -1) -> bytes:
         data: bytes = self._raw.read(size)
         self.digest.update(data)
         self.count += len(data)
         return data
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
 
 def write_bundle(
@@ -744,7 +737,7 @@ def resign_bundle(
     return signature
 
 
-class _CheckedCopy(io.RawIOBase):
+class _CheckedCopy(_ReadOnly):
     """A member's stream, read by ``tarfile.addfile``, checked like the extracting reader:
     never more than declared, then size and sha256 compared in :meth:`finish`."""
 
@@ -756,9 +749,6 @@ class _CheckedCopy(io.RawIOBase):
         self._digest = hashlib.sha256()
         self._count = 0
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, size: int = -1) -> bytes:
         data: bytes = self._stream.read(size)
         if self._count + len(data) > self._entry.size:
@@ -768,11 +758,6 @@ class _CheckedCopy(io.RawIOBase):
         self._digest.update(data)
         self._count += len(data)
         return data
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
     def finish(self) -> None:
         if self._count != self._entry.size:

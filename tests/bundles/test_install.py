@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from install_support import (
     agent_wheel,
     config_text,
     host_compat,
+    lock_held_by_another_process,
     runtime_wheels,
     tree_digest,
     wheel_files,
@@ -33,13 +33,6 @@ from agent.errors import (
     BundleSignatureError,
 )
 
-_HOLD_LOCK = """
-import fcntl, os, sys, time
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("held", flush=True)
-time.sleep(60)
-"""
 MODEL = b"\x08\x07" + b"model-bytes" * 1000
 
 
@@ -202,19 +195,9 @@ def test_second_install_while_one_holds_the_lock_is_busy(
     bundle = write_test_bundle(tmp_path / "x.bundle", bundle_keys, "1.0.0", _files("1.0.0"))
     store = SlotStore(tmp_path / "state")
     # a real second process holds install.lock (flock) while this one installs
-    store.root.mkdir(parents=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_LOCK, str(store.lock_path)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(BundleBusyError) as info:
-            _installer(tmp_path / "state", bundle_keys).install(bundle)
-        assert info.value.reason == "busy"
-    finally:
-        holder.kill()
-        holder.wait(10)
+    with lock_held_by_another_process(store.lock_path), pytest.raises(BundleBusyError) as info:
+        _installer(tmp_path / "state", bundle_keys).install(bundle)
+    assert info.value.reason == "busy"
     assert store.current_slot() is None
     assert _installer(tmp_path / "state", bundle_keys).install(bundle).slot == "a"
 

@@ -10,17 +10,9 @@ from pathlib import Path
 from agent_process_support import ROOT, base_env
 from bundle_support import BundleKeys, tampered_payload, without_signature
 from http_support import serving
-from install_support import config_text, write_test_bundle
+from install_support import config_text, lock_held_by_another_process, write_test_bundle
 
 from agent.bundles.slots import SlotStore
-
-_HOLD_LOCK = """
-import fcntl, os, sys, time
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("held", flush=True)
-time.sleep(60)
-"""
 
 
 def _config(tmp_path: Path, keys: BundleKeys) -> Path:
@@ -114,17 +106,8 @@ def test_second_install_gets_busy(tmp_path: Path, bundle_keys: BundleKeys) -> No
     config = _config(tmp_path, bundle_keys)
     bundle = _bundle(tmp_path, bundle_keys, "1.0.0")
     store = SlotStore(tmp_path / "state")
-    store.root.mkdir(parents=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_LOCK, str(store.lock_path)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_by_another_process(store.lock_path):
         busy = _cli("install", bundle, "--no-restart", "--config", config)
-    finally:
-        holder.kill()
-        holder.wait(10)
     assert busy.returncode == 1
     assert "edge-agent: error [busy]: another bundle install or rollback is running" in busy.stderr
     assert store.current_slot() is None
