@@ -60,7 +60,7 @@ def _retryable(exc: DownloadError) -> bool:
 
 def _no_space(exc: BaseException) -> bool:
     cause = exc.__cause__
-    return isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+    return isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def download_bundle(
@@ -159,7 +159,7 @@ def _locked_download(
         try:
             fetch.atomic_replace(partial, final)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise BundleSpaceError(
                     f"disk full while finishing the download of {url} into {dest_dir}; "
                     "free space and install again"
