@@ -167,8 +167,9 @@ class _LimitedReader(_ReadOnly):
 class BundleReader:
     """One forward pass over a bundle file (see the module docstring); use :func:`open_bundle`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, file: BinaryIO | None = None) -> None:
         self.path = path
+        self._given = file
         self._file: BinaryIO | None = None
         self._tar: tarfile.TarFile | None = None
         self._limited: _LimitedReader | None = None
@@ -183,10 +184,13 @@ class BundleReader:
     # ------------------------------------------------------------------ opening
 
     def _open(self) -> None:
-        try:
-            self._file = self.path.open("rb")
-        except OSError as exc:
-            raise BundleFormatError(f"cannot open bundle {self.path}: {exc.strerror}") from exc
+        if self._given is not None:
+            self._file, self._given = self._given, None
+        else:
+            try:
+                self._file = self.path.open("rb")
+            except OSError as exc:
+                raise BundleFormatError(f"cannot open bundle {self.path}: {exc.strerror}") from exc
         magic = self._file.read(4)
         self._file.seek(0)
         if magic != b"\x28\xb5\x2f\xfd":
@@ -509,15 +513,23 @@ class BundleReader:
                 progress(done / total, f"checked {entry.path}")
 
 
-def open_bundle(path: Path) -> AbstractContextManager[BundleReader]:
+def open_bundle(
+    path: Path, *, file: BinaryIO | None = None
+) -> AbstractContextManager[BundleReader]:
     """Open ``path`` and read its ``manifest.json`` and ``manifest.sig`` (see the module
-    docstring); a context manager that closes the file."""
-    return _opened(path)
+    docstring); a context manager that closes the file.
+
+    ``file``: read this already open file (at its start; it is closed with the reader) instead
+    of opening ``path``, which then only names the bundle in messages. ``bundle install`` run
+    by root hands the installer, running as the service's user, the bundle it opened that way
+    (an inherited file descriptor): a re-open through ``/dev/fd/N`` checks the file's
+    permissions again and fails for a bundle only root may read."""
+    return _opened(path, file)
 
 
 @contextmanager
-def _opened(path: Path) -> Iterator[BundleReader]:
-    reader = BundleReader(path)
+def _opened(path: Path, file: BinaryIO | None) -> Iterator[BundleReader]:
+    reader = BundleReader(path, file)
     try:
         reader._open()
         yield reader

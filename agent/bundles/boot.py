@@ -19,6 +19,10 @@ slots/X/venv/bin/edge-agent run`` (the factory interpreter with ``-m agent`` for
 wheels), env ``EDGE_AGENT_SLOT=X``, ``EDGE_AGENT_MODEL_PATH`` prefixed with the slot's models,
 ``STATE_DIRECTORY`` the launcher's state directory. The PID stays: systemd's notify handshake
 and watchdog go on unchanged.
+
+Every commit (and a manual rollback leaving a committed version) raises
+``state.highest_committed``, the bar the installer's downgrade check keeps after a rollback,
+even one back to the factory install.
 """
 
 from __future__ import annotations
@@ -245,6 +249,7 @@ def manual_rollback(store: SlotStore) -> SlotName | None:
                 back = previous
         target = None if back is None else back.slot
         store.switch_current(target)
+        state.note_committed()  # the version left stays the bar for the next install
         left = state.committed
         state.committed = back
         state.previous = None
@@ -271,6 +276,7 @@ def commit(store: SlotStore, slot: SlotName, version: str) -> None:
         if state.committed is not None and state.committed.slot != slot:
             state.previous = state.committed
         state.committed = SlotRef(slot=slot, version=version)
+        state.note_committed()
         state.pending = None
         state.record(
             "committed", version=version, slot=slot, detail=f"after {pending.attempts} boot(s)"

@@ -27,8 +27,7 @@ from pathlib import Path
 from urllib.error import HTTPError
 from urllib.parse import urlsplit
 
-from agent.bundles.slots import hand_over
-from agent.errors import BundleBusyError, BundleDownloadError, BundleError, BundleSpaceError
+from agent.errors import BundleBusyError, BundleDownloadError, BundleSpaceError
 from engines import fetch
 from engines.errors import DownloadError, DownloadInterruptedError
 
@@ -82,18 +81,15 @@ def download_bundle(
     (the partial file stays for the next call). A finished file from an earlier call is
     replaced. The caller removes the returned file once it is installed.
 
-    Run as root for a state directory that belongs to the service's user, the folders and
-    files it creates are given to that user (``agent.bundles.slots.hand_over``), so the agent
-    can resume or reuse them.
+    ``bundle install`` run by root for a service with ``User=edge-agent`` calls this in its
+    child process running as that user: what it creates belongs to the agent, which can resume
+    or reuse it.
     """
     scheme = urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise BundleDownloadError(
             f"bundle URL {url!r} is not http:// or https://; give an http(s) URL or a file path"
         )
-    top = dest_dir  # the highest folder this call creates (or dest_dir): handed over below
-    while not top.parent.exists() and top.parent != top:
-        top = top.parent
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -101,24 +97,15 @@ def download_bundle(
             f"cannot create the download folder {dest_dir} ({exc.strerror}); check the state "
             "directory's permissions"
         ) from exc
-    try:
-        final = _locked_download(
-            url,
-            dest_dir,
-            max_bytes=max_bytes,
-            timeout=timeout,
-            progress=progress,
-            attempts_without_progress=attempts_without_progress,
-            backoff_s=backoff_s,
-        )
-    except BaseException:
-        try:
-            hand_over(top, top.parent)
-        except BundleError as exc:  # the download's own error is the one to report
-            _log.error("after a failed download: %s", exc)
-        raise
-    hand_over(top, top.parent)  # run as root: the agent (the service's user) may resume/reuse
-    return final
+    return _locked_download(
+        url,
+        dest_dir,
+        max_bytes=max_bytes,
+        timeout=timeout,
+        progress=progress,
+        attempts_without_progress=attempts_without_progress,
+        backoff_s=backoff_s,
+    )
 
 
 def _locked_download(

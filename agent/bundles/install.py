@@ -6,7 +6,8 @@ name (``CRASH_POINTS``) lets a test SIGKILL the process there (``crash_at``):
     locked              install.lock held (a second install gets ``busy``)
     verified            zstd+tar readable, manifest.sig verified against the trusted keys
     compat_checked      board, machine, python, L4T, TensorRT, minimum agent version
-    downgrade_checked   newer than the installed version (unless allowed)
+    downgrade_checked   newer than the current slot's, the committed and the highest version
+                        ever committed (unless allowed)
     slot_wiped          the inactive slot emptied (the active one is never written)
     extract_first_file  the first payload file written and checked (mid-extract)
     extracted           every payload file written, size + sha256 checked, fsynced
@@ -23,6 +24,11 @@ Why every point is safe: until ``switched`` the only writes are in the inactive 
 until INSTALLED exists) and in state.json, whose pending entry is stale (cleared at boot) while
 ``current`` points elsewhere; the switch is one rename. After it the next boot is the new
 version's first trial.
+
+Privileges: the installer runs as the state directory's owner. ``bundle install`` run by root
+for a service with ``User=edge-agent`` runs the whole installer (download included) in a child
+process as that user (``agent.cli.bundle_install_cmd``), so the venv's python, pip, the new
+agent's ``config validate`` and the pre-install hook run as the service's user too.
 """
 
 from __future__ import annotations
@@ -37,13 +43,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from packaging.version import InvalidVersion, Version
 
 from agent.bundle_config import BundlesConfig
 from agent.bundles.archive import BundleReader, open_bundle, verify_signature
 from agent.bundles.signing import load_trusted_keys, signature_bytes
-from agent.bundles.slots import BootState, InstalledRecord, Pending, SlotName, SlotStore
+from agent.bundles.slots import (
+    BootState,
+    InstalledRecord,
+    Pending,
+    SlotName,
+    SlotStore,
+    newest_version,
+)
 from agent.bundles.target import Target, check_compat
 from agent.errors import (
     AgentError,
@@ -137,11 +151,16 @@ class Installer:
         self._python = Path(sys.executable) if python is None else python
 
     # ------------------------------------------------------------------ steps
-    def install(self, bundle: Path, *, allow_downgrade: bool = False) -> InstallResult:
+    def install(
+        self, bundle: Path, *, allow_downgrade: bool = False, file: BinaryIO | None = None
+    ) -> InstallResult:
         """Install ``bundle`` into the inactive slot and switch ``current`` to it; the caller
-        restarts the service. Raises a BundleError subclass (one line, a reason code)."""
+        restarts the service. Raises a BundleError subclass (one line, a reason code).
+
+        ``file``: the bundle already open (read once from its start and closed here; ``bundle``
+        then only names it), e.g. a file descriptor inherited from root."""
         try:
-            return self._install(bundle, allow_downgrade=allow_downgrade)
+            return self._install(bundle, allow_downgrade=allow_downgrade, file=file)
         except OSError as exc:  # our own files (slot, state.json, current): one line
             where = f" ({exc.filename})" if exc.filename else ""
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -153,7 +172,9 @@ class Installer:
                 f"installing {bundle.name} failed: {exc.strerror or exc}{where}"
             ) from exc
 
-    def _install(self, bundle: Path, *, allow_downgrade: bool) -> InstallResult:
+    def _install(
+        self, bundle: Path, *, allow_downgrade: bool, file: BinaryIO | None
+    ) -> InstallResult:
         with self.store.lock():
             self._reached("locked")
             state = self.store.read_state()
@@ -163,7 +184,7 @@ class Installer:
             slot = self.store.inactive_slot()
             self._report(0.0, f"verifying {bundle.name}")
             trusted = load_trusted_keys(self.config.trusted_keys_dir)
-            with open_bundle(bundle) as reader:
+            with open_bundle(bundle, file=file) as reader:
                 key_id = verify_signature(reader, trusted)
                 manifest = reader.manifest
                 _log.info(
@@ -177,10 +198,8 @@ class Installer:
                 self._reached("compat_checked")
                 self._check_downgrade(
                     manifest.version,
-                    _newest(
-                        None if previous is None else previous.version,
-                        None if state.committed is None else state.committed.version,
-                    ),
+                    None if previous is None else previous.version,
+                    state,
                     allow_downgrade or self.config.allow_downgrade,
                 )
                 self._reached("downgrade_checked")
@@ -213,11 +232,11 @@ class Installer:
             )
             self._reached("installed_marked")
             state = self.store.read_state()
+            state.note_committed()  # committed by an older agent that did not raise the bar
             state.pending = Pending(slot=slot, version=manifest.version)
             state.record("installed", version=manifest.version, slot=slot)
             self.store.write_state(state)
             self._reached("state_pending")
-            self.store.hand_over()  # run as root: the service's user owns what it boots
             self.store.switch_current(slot)
             self._reached("switched")
             self._report(1.0, f"installed {manifest.name} {manifest.version} into slot {slot}")
@@ -237,23 +256,34 @@ class Installer:
             )
 
     @staticmethod
-    def _check_downgrade(version: str, installed: str | None, allowed: bool) -> None:
-        if installed is None:
+    def _check_downgrade(
+        version: str, current: str | None, state: BootState, allowed: bool
+    ) -> None:
+        """``version`` must be newer than the current slot's version, the committed one and
+        the highest ever committed (a rollback, even to the factory install, does not lower
+        the bar); nothing known (factory, nothing ever committed): any version goes."""
+        committed = None if state.committed is None else state.committed.version
+        bar = newest_version(current, committed, state.highest_committed)
+        if bar is None:
             return
         try:
-            newer = Version(version) > Version(installed)
+            newer = Version(version) > Version(bar)
         except InvalidVersion as exc:
             raise BundleDowngradeError(
-                f"cannot compare bundle version {version!r} with the installed {installed!r}"
+                f"cannot compare bundle version {version!r} with the installed {bar!r}"
             ) from exc
         if newer:
             return
         if allowed:
-            _log.warning("installing %s over %s: downgrade allowed", version, installed)
+            _log.warning("installing %s, not newer than %s: downgrade allowed", version, bar)
             return
+        if bar in (current, committed):
+            what = f"the installed {bar}"
+        else:
+            what = f"{bar}, the highest version ever committed on this device"
         raise BundleDowngradeError(
-            f"bundle version {version} is not newer than the installed {installed}; pass "
-            "--allow-downgrade to install it anyway"
+            f"bundle version {version} is not newer than {what}; pass --allow-downgrade to "
+            "install it anyway"
         )
 
     def _extract(self, reader: BundleReader, slot: SlotName) -> None:
@@ -292,6 +322,7 @@ class Installer:
                 "--no-index",
                 "--no-deps",
                 "--no-compile",
+                "--no-cache-dir",
                 "--disable-pip-version-check",
                 *(files / w for w in wheels),
             ],
@@ -336,26 +367,6 @@ class Installer:
         if point == self._crash_at:
             _log.warning("test crash point %s reached: SIGKILL", point)
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _newest(*versions: str | None) -> str | None:
-    """The highest of ``versions`` (None ignored; an unparsable one wins, so the downgrade
-    check reports it instead of passing silently)."""
-    known = [v for v in versions if v is not None]
-    if not known:
-        return None
-    try:
-        return max(known, key=Version)
-    except InvalidVersion:
-        return next(v for v in known if not _is_version(v))
-
-
-def _is_version(text: str) -> bool:
-    try:
-        Version(text)
-    except InvalidVersion:
-        return False
-    return True
 
 
 def run_hook(hook: Path, slot_dir: Path, version: str, timeout_s: float) -> None:

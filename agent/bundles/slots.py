@@ -12,6 +12,12 @@ Every write here is crash-safe on its own: ``state.json`` goes through a tempora
 rename and an fsync of the folder; ``current`` is switched by renaming a temporary symlink over
 it (``rename(2)`` is atomic) and fsyncing the folder. A slot without ``INSTALLED`` is garbage
 and is wiped before reuse.
+
+Everything here is created and written by the state directory's owner: ``bundle install`` /
+``bundle rollback`` run by root for a service with ``User=edge-agent`` do their work in a child
+process running as that user (``agent.cli.bundle_install_cmd``), so no root process ever
+writes, reads code from, or runs anything under ``bundles/`` (the service's user could swap a
+folder there under it).
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from packaging.version import InvalidVersion, Version
+from pydantic import ConfigDict, Field, ValidationError
 
 from agent.errors import BundleBusyError, BundleError
 from engines.configbase import StrictModel
@@ -45,7 +53,7 @@ __all__ = [
     "SlotName",
     "SlotRef",
     "SlotStore",
-    "hand_over",
+    "newest_version",
     "other_slot",
     "parse_slot",
 ]
@@ -60,6 +68,7 @@ HISTORY_LIMIT = 20
 INSTALLED_FILE = "INSTALLED"
 _CURRENT_TMP = ".current.tmp"
 _LOCK_POLL_S = 0.2
+_MAX_STATE_BYTES = 4 << 20
 
 
 def parse_slot(text: str | None) -> SlotName | None:
@@ -71,30 +80,24 @@ def parse_slot(text: str | None) -> SlotName | None:
     return None
 
 
-def hand_over(path: Path, owner_of: Path, *, recursive: bool = True) -> None:
-    """Give ``path`` (with ``recursive``: everything under it; links not followed) to the
-    owner of ``owner_of`` when we run as root and that is another user: ``bundle install`` run
-    by root for a service with ``User=edge-agent`` leaves files the agent can lock, replace,
-    roll back, resume and run hooks from. A no-op for any other caller."""
-    if os.geteuid() != 0:
-        return
+def newest_version(*versions: str | None) -> str | None:
+    """The highest of ``versions`` by PEP 440 (None ignored; an unparsable one wins, so the
+    downgrade check reports it instead of passing silently)."""
+    known = [v for v in versions if v is not None]
+    if not known:
+        return None
     try:
-        owner = owner_of.stat()
-    except FileNotFoundError:
-        return
-    if owner.st_uid == 0:
-        return
-    paths = [path]
-    if recursive and path.is_dir() and not path.is_symlink():
-        for folder, dirs, files in os.walk(path):
-            paths += [Path(folder, name) for name in dirs + files]
+        return max(known, key=Version)
+    except InvalidVersion:
+        return next(v for v in known if not _is_version(v))
+
+
+def _is_version(text: str) -> bool:
     try:
-        for item in paths:
-            os.lchown(item, owner.st_uid, owner.st_gid)
-    except OSError as exc:
-        raise BundleError(
-            f"cannot give {path} to the owner of {owner_of} (uid {owner.st_uid}): {exc.strerror}"
-        ) from exc
+        Version(text)
+    except InvalidVersion:
+        return False
+    return True
 
 
 def other_slot(slot: SlotName) -> SlotName:
@@ -133,8 +136,18 @@ class HistoryEvent(StrictModel):
 
 
 class BootState(StrictModel):
+    # fields a newer agent adds are kept, not refused: the launcher (the factory install) and
+    # an older slot's agent read and rewrite the file a newer version wrote
+    model_config = ConfigDict(extra="allow", validate_default=True, str_strip_whitespace=True)
+
     committed: SlotRef | None = Field(
         default=None, description="The version that passed its health gate (null: factory)."
+    )
+    highest_committed: str | None = Field(
+        default=None,
+        description="The highest version ever committed here (kept through rollbacks, also to "
+        "the factory install): an install must be newer unless downgrades are allowed. Absent "
+        "in a state.json written before it existed (then committed / current count).",
     )
     previous: SlotRef | None = Field(
         default=None, description="The committed version before it (rollback target)."
@@ -162,6 +175,12 @@ class BootState(StrictModel):
             HistoryEvent(at=time.time(), event=event, version=version, slot=slot, detail=detail)
         )
         del self.history[:-HISTORY_LIMIT]
+
+    def note_committed(self) -> None:
+        """Raise ``highest_committed`` to ``committed`` when that is higher (called wherever
+        ``committed`` is set or left: commit, install, manual rollback)."""
+        if self.committed is not None:
+            self.highest_committed = newest_version(self.highest_committed, self.committed.version)
 
 
 class InstalledRecord(StrictModel):
@@ -231,8 +250,6 @@ class SlotStore:
             ) from exc
         deadline = time.monotonic() + wait_s
         try:
-            self.hand_over(self.root, recursive=False)
-            self.hand_over(self.lock_path, recursive=False)
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -259,11 +276,6 @@ class SlotStore:
                     f"{path} is a symbolic link; bundles/ and its slots must be real folders "
                     "(remove the link)"
                 )
-
-    def hand_over(self, path: Path | None = None, *, recursive: bool = True) -> None:
-        """Give ``path`` (default: all of ``bundles/``) to the state directory's owner when
-        we run as root (see :func:`hand_over`)."""
-        hand_over(self.root if path is None else path, self.root.parent, recursive=recursive)
 
     # ------------------------------------------------------------------ current
     def current_slot(self) -> SlotName | None:
@@ -366,11 +378,14 @@ class SlotStore:
     def read_state(self) -> BootState:
         """The boot state (empty when there is no state.json yet)."""
         try:
-            raw = self.state_path.read_bytes()
+            raw = self._read_regular(self.state_path, _MAX_STATE_BYTES)
         except FileNotFoundError:
             return BootState()
         except OSError as exc:
-            raise BundleError(f"{self.state_path} is unreadable: {exc.strerror}") from exc
+            raise BundleError(
+                f"{self.state_path} is unreadable: {exc.strerror or exc} — it must be a regular "
+                "file (remove it to boot what `current` points at)"
+            ) from exc
         try:
             return BootState.model_validate_json(raw)
         except ValidationError as exc:
@@ -379,6 +394,20 @@ class SlotStore:
                 "it is only written atomically, so the disk or a manual edit broke it; remove it "
                 "to boot what `current` points at"
             ) from exc
+
+    @staticmethod
+    def _read_regular(path: Path, limit: int) -> bytes:
+        """A regular file's bytes (at most ``limit``), never through a link, never blocking
+        on a FIFO: root reads state.json (``bundle status``, ``--wait``) in the service
+        user's folder."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            raise OSError(errno.EFBIG, f"over {limit} bytes")
+        return data
 
     def write_state(self, state: BootState) -> None:
         """Write ``state.json`` atomically and durably (tmp + fsync + rename + fsync dir)."""

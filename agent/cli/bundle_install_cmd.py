@@ -3,34 +3,88 @@ show the slots and the boot state, go back to the previous version.
 
 ``register(group)`` adds the three sub-commands to the ``bundle`` group that
 ``agent.cli.bundle_cmd`` creates.
+
+Privilege separation: run as root for a state directory that belongs to another user (the
+service's ``User=edge-agent``), ``install`` and ``rollback`` do their work — download, verify,
+extract, venv, pip, config check, pre-install hook, switch; the rollback's bookkeeping — in a
+child process running as that user (``subprocess`` with ``user=``, ``group=``,
+``extra_groups=[]``, a minimal environment). That user may rename anything under ``bundles/``
+at any time, so a root process must never run (or read code from) what lies there. The bundle
+file is opened by root and inherited as a file descriptor, so a bundle only root may read still
+installs. The root parent keeps only ``systemctl restart`` and the ``--wait`` polling (which
+reads state.json without following links). The child's progress and its one-line error reach
+the user on stderr unchanged; its exit status is the command's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
+import pwd
+import signal
+import stat
 import subprocess
 import sys
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Literal, TypeVar
+
+from pydantic import Field, ValidationError
 
 from agent.bundle_config import BundlesConfig
-from agent.bundles.install import CRASH_POINT_ENV, Installer
-from agent.bundles.slots import SLOT_NAMES, SlotStore
+from agent.bundles.install import CRASH_POINT_ENV, Installer, InstallResult
+from agent.bundles.slots import SLOT_NAMES, SlotName, SlotStore
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig
 from agent.configfile import load_config, resolve_config_path
 from agent.defaults import default_config
-from agent.errors import BundleError
+from agent.errors import BundleError, reason_code
 from agent.process import agent_version, resolve_state_dir
+from engines.configbase import StrictModel
 
-__all__ = ["register"]
+__all__ = ["Owner", "child_main", "register", "state_dir_owner"]
+
+_R = TypeVar("_R", bound=StrictModel)
 
 _WAIT_POLL_S = 0.5
 _WAIT_MARGIN_S = 60.0
 _SYSTEMCTL_TIMEOUT_S = 120.0
 _DOWNLOAD_TIMEOUT_S = 60.0
+_CHILD_STOP_S = 30.0
+_CHILD_UMASK = 0o022
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_CHILD_ENV_KEEP = (
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    # a URL install downloads in the child: proxies and CA bundles
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    CRASH_POINT_ENV,  # tests only: read by the child's installer
+)
+# the child: the installed agent (-I: no PYTHON* variables, no current folder on sys.path);
+# an agent that cannot even load as that user is still one line
+_CHILD_CODE = """import sys
+try:
+    from agent.cli.bundle_install_cmd import child_main
+except Exception as exc:
+    print(f"edge-agent: error [bundle_invalid]: the agent cannot load as the state "
+          f"directory's owner ({exc}); its code must be readable by that user", file=sys.stderr)
+    sys.exit(1)
+sys.exit(child_main())
+"""
 
 
 def register(group: Any) -> None:
@@ -119,14 +173,47 @@ def _progress(fraction: float, message: str) -> None:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from agent.bundles.target import detect_target  # noqa: PLC0415
-
     config, state_dir = _load(args)
     bundles = config.bundles
     store = SlotStore(state_dir)
     source: str = args.source
+    owner = state_dir_owner(state_dir)
+    result: InstallResult | int
+    if owner is None:
+        result = _run_install(
+            bundles, state_dir, source, allow_downgrade=args.allow_downgrade, file=None
+        )
+    else:
+        result = _install_as(owner, args, bundles, state_dir)
+    if isinstance(result, int):
+        return result  # the child printed its one-line error
+    was = result.previous_version or "the factory install"
+    print(f"installed version {result.version} into slot {result.slot} (was {was})")
+    if args.no_restart:
+        print("not restarted (--no-restart): the new version boots at the next start")
+        return 0
+    _restart(bundles)
+    if args.wait:
+        return _wait(store, result.version, bundles)
+    return 0
+
+
+def _run_install(
+    bundles: BundlesConfig,
+    state_dir: Path,
+    source: str,
+    *,
+    allow_downgrade: bool,
+    file: BinaryIO | None,
+) -> InstallResult:
+    """Download (a URL) and install, in this process, as whoever we are."""
+    from agent.bundles.target import detect_target  # noqa: PLC0415
+
+    store = SlotStore(state_dir)
     downloaded: Path | None = None
-    if source.lower().startswith(("http://", "https://")):
+    if file is not None:
+        path = Path(source)
+    elif _is_url(source):
         downloaded = _download(source, store, bundles)
         path = downloaded
     else:
@@ -142,18 +229,215 @@ def _install(args: argparse.Namespace) -> int:
         crash_at=os.environ.get(CRASH_POINT_ENV) or None,
     )
     try:
-        result = installer.install(path, allow_downgrade=args.allow_downgrade)
+        return installer.install(path, allow_downgrade=allow_downgrade, file=file)
     finally:
         if downloaded is not None:  # installed or refused: a verified-once copy is no use
             downloaded.unlink(missing_ok=True)
-    was = result.previous_version or "the factory install"
-    print(f"installed version {result.version} into slot {result.slot} (was {was})")
-    if args.no_restart:
-        print("not restarted (--no-restart): the new version boots at the next start")
-        return 0
-    _restart(bundles)
-    if args.wait:
-        return _wait(store, result.version, bundles)
+
+
+def _is_url(source: str) -> bool:
+    return source.lower().startswith(("http://", "https://"))
+
+
+# ---------------------------------------------------------------------- privilege separation
+@dataclass(frozen=True)
+class Owner:
+    """The user a root ``bundle install`` / ``rollback`` does its work as."""
+
+    uid: int
+    gid: int
+    name: str
+    home: str
+
+
+def state_dir_owner(state_dir: Path) -> Owner | None:
+    """The owner of ``bundles/`` (else of the state directory) when we run as root and that is
+    another user; None otherwise (then this process does the work itself)."""
+    if os.geteuid() != 0:
+        return None
+    for folder, follow in ((state_dir / "bundles", False), (state_dir, True)):
+        try:
+            info = folder.stat(follow_symlinks=follow)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise BundleError(f"cannot inspect {folder}: {exc.strerror}") from exc
+        if info.st_uid == 0:
+            continue
+        try:
+            entry = pwd.getpwuid(info.st_uid)
+        except KeyError:  # no such user any more: its ids still are who may write there
+            return Owner(info.st_uid, info.st_gid, f"uid {info.st_uid}", "/")
+        return Owner(info.st_uid, entry.pw_gid, entry.pw_name, entry.pw_dir or "/")
+    return None
+
+
+class _ChildJob(StrictModel):
+    """What the root parent hands the child (on its stdin, JSON)."""
+
+    action: Literal["install", "rollback"] = Field(description="What the child does.")
+    state_dir: str = Field(description="The resolved state directory.")
+    bundles: BundlesConfig = Field(description="The [bundles] section of the parent's config.")
+    source: str = Field(default="", description="Bundle path (names the fd) or URL.")
+    fd: int | None = Field(default=None, description="The bundle opened by root, inherited.")
+    allow_downgrade: bool = Field(default=False, description="--allow-downgrade.")
+    debug: bool = Field(default=False, description="--debug: tracebacks on failure.")
+
+
+class _InstallReply(StrictModel):
+    slot: SlotName = Field(description="Slot installed into.")
+    version: str = Field(description="Version installed.")
+    previous_version: str | None = Field(description="Version current pointed at before.")
+
+
+class _RollbackReply(StrictModel):
+    target: SlotName | None = Field(description="Slot current points at now (null: factory).")
+
+
+def _child_env(owner: Owner) -> dict[str, str]:
+    env = {k: os.environ[k] for k in _CHILD_ENV_KEEP if k in os.environ}
+    env.setdefault("PATH", _DEFAULT_PATH)
+    env.update(HOME=owner.home, USER=owner.name, LOGNAME=owner.name, PYTHONUNBUFFERED="1")
+    return env
+
+
+def _run_as(owner: Owner, job: _ChildJob, pass_fds: tuple[int, ...] = ()) -> str | int:
+    """Run ``job`` in a child process as ``owner``: its stdout (the reply) when it succeeded,
+    else its exit status (it printed its one-line error on our stderr)."""
+    cmd = [sys.executable, "-I", "-c", _CHILD_CODE]
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,  # progress and the error line go straight to the user
+            env=_child_env(owner),
+            cwd="/",
+            user=owner.uid,
+            group=owner.gid,
+            extra_groups=[],
+            umask=_CHILD_UMASK,
+            pass_fds=pass_fds,
+            text=True,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BundleError(
+            f"cannot start the {job.action} as {owner.name} (uid {owner.uid}), the owner of the "
+            f"state directory {job.state_dir}: {exc}"
+        ) from exc
+    try:
+        out, _ = proc.communicate(job.model_dump_json())
+    except BaseException:  # Ctrl-C reached the child too: let it stop, then make sure
+        try:
+            proc.wait(_CHILD_STOP_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        raise BundleError(
+            f"the {job.action}, run as {owner.name} (uid {owner.uid}), was killed by {sig} before "
+            "it finished; every step is safe to interrupt — see `edge-agent bundle status` and "
+            "run it again"
+        )
+    if proc.returncode != 0:
+        return proc.returncode
+    return out
+
+
+def _install_as(
+    owner: Owner, args: argparse.Namespace, bundles: BundlesConfig, state_dir: Path
+) -> InstallResult | int:
+    source: str = args.source
+    job = _ChildJob(
+        action="install",
+        state_dir=str(state_dir),
+        bundles=bundles,
+        source=source,
+        allow_downgrade=args.allow_downgrade,
+        debug=bool(getattr(args, "debug", False)),
+    )
+    if _is_url(source):
+        reply = _run_as(owner, job)
+    else:
+        with _open_as_root(Path(source)) as bundle:
+            fd = bundle.fileno()
+            reply = _run_as(owner, job.model_copy(update={"fd": fd}), pass_fds=(fd,))
+    if isinstance(reply, int):
+        return reply
+    data = _parse_reply(_InstallReply, reply, job.action)
+    return InstallResult(
+        slot=data.slot, version=data.version, previous_version=data.previous_version
+    )
+
+
+def _open_as_root(path: Path) -> BinaryIO:
+    """The bundle file, opened here (root may read what the service's user may not)."""
+    try:
+        bundle = path.open("rb")
+    except FileNotFoundError as exc:
+        raise BundleError(f"bundle file {path} not found — give a .bundle file or a URL") from exc
+    except OSError as exc:
+        raise BundleError(f"cannot open bundle file {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(os.fstat(bundle.fileno()).st_mode):
+        bundle.close()
+        raise BundleError(f"bundle file {path} is not a regular file — give a .bundle file")
+    return bundle
+
+
+def _parse_reply(model: type[_R], text: str, action: str) -> _R:
+    lines = text.strip().splitlines()
+    try:
+        return model.model_validate_json(lines[-1] if lines else "")
+    except ValidationError as exc:
+        raise BundleError(
+            f"the {action} process succeeded but its reply is unreadable ({exc.error_count()} "
+            "problem(s)) — see `edge-agent bundle status`"
+        ) from exc
+
+
+def child_main() -> int:
+    """The child of a root ``bundle install`` / ``rollback``: run the job on stdin as the
+    user we were started as; the reply (JSON) on stdout, progress and one error line on
+    stderr."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    debug = False
+    try:
+        job = _ChildJob.model_validate_json(sys.stdin.read())
+        debug = job.debug
+        state_dir = Path(job.state_dir)
+        if job.action == "rollback":
+            from agent.bundles.boot import manual_rollback  # noqa: PLC0415
+
+            reply: StrictModel = _RollbackReply(target=manual_rollback(SlotStore(state_dir)))
+        else:
+            with contextlib.ExitStack() as stack:
+                file = None if job.fd is None else stack.enter_context(os.fdopen(job.fd, "rb"))
+                result = _run_install(
+                    job.bundles,
+                    state_dir,
+                    job.source,
+                    allow_downgrade=job.allow_downgrade,
+                    file=file,
+                )
+            reply = _InstallReply(
+                slot=result.slot,
+                version=result.version,
+                previous_version=result.previous_version,
+            )
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every failure is one line, like the CLI's
+        if debug:
+            traceback.print_exc()
+        print(f"edge-agent: error [{reason_code(exc)}]: {exc}", file=sys.stderr, flush=True)
+        return 1
+    print(reply.model_dump_json(), flush=True)
     return 0
 
 
@@ -276,8 +560,20 @@ def _rollback(args: argparse.Namespace) -> int:
     from agent.bundles.boot import manual_rollback  # noqa: PLC0415
 
     config, state_dir = _load(args)
-    store = SlotStore(state_dir)
-    target = manual_rollback(store)
+    owner = state_dir_owner(state_dir)
+    if owner is None:
+        target = manual_rollback(SlotStore(state_dir))
+    else:
+        job = _ChildJob(
+            action="rollback",
+            state_dir=str(state_dir),
+            bundles=config.bundles,
+            debug=bool(getattr(args, "debug", False)),
+        )
+        reply = _run_as(owner, job)
+        if isinstance(reply, int):
+            return reply
+        target = _parse_reply(_RollbackReply, reply, job.action).target
     print(f"rolled back: current is now {target or 'the factory install'}")
     if not args.no_restart:
         _restart(config.bundles)
