@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from install_support import (
 )
 
 from agent.bundle_config import BundlesConfig
-from agent.bundles.boot import commit
+from agent.bundles.boot import commit, manual_rollback
 from agent.bundles.install import CRASH_POINTS, Installer, InstallResult
 from agent.bundles.slots import BootState, SlotStore
 from agent.bundles.target import detect_target
@@ -299,3 +300,46 @@ def test_crash_point_names_are_checked(tmp_path: Path, bundle_keys: BundleKeys) 
     with pytest.raises(BundleError, match="is not a crash point"):
         Installer(config, tmp_path, agent_version="0", target=detect_target(), crash_at="nope")
     assert len(set(CRASH_POINTS)) == len(CRASH_POINTS)
+
+
+def test_downgrade_bar_survives_a_rollback_to_the_factory_install(
+    tmp_path: Path, bundle_keys: BundleKeys
+) -> None:
+    _install(tmp_path, bundle_keys, "2.0.0")
+    store = SlotStore(tmp_path / "state")
+    commit(store, "a", "2.0.0")
+    assert store.read_state().highest_committed == "2.0.0"
+    assert manual_rollback(store) is None  # committed -> nothing before it: the factory install
+    state = store.read_state()
+    assert (state.committed, store.current_slot()) == (None, None)
+    assert state.highest_committed == "2.0.0"
+    # neither `current` nor `committed` knows 2.0.0 any more; the high-water mark does
+    for version in ("1.5.0", "2.0.0"):
+        with pytest.raises(BundleDowngradeError) as info:
+            _install(tmp_path, bundle_keys, version)
+        assert str(info.value) == (
+            f"bundle version {version} is not newer than 2.0.0, the highest version ever "
+            "committed on this device; pass --allow-downgrade to install it anyway"
+        )
+    assert store.current_slot() is None
+    assert _install(tmp_path, bundle_keys, "1.5.0", allow_downgrade=True).version == "1.5.0"
+    commit(store, "a", "1.5.0")
+    assert store.read_state().highest_committed == "2.0.0"  # an allowed downgrade keeps the bar
+    assert _install(tmp_path, bundle_keys, "2.0.1").slot == "b"
+
+
+def test_an_old_state_json_without_the_high_water_mark_still_counts_committed(
+    tmp_path: Path, bundle_keys: BundleKeys
+) -> None:
+    _install(tmp_path, bundle_keys, "2.0.0")
+    store = SlotStore(tmp_path / "state")
+    commit(store, "a", "2.0.0")
+    # as written before highest_committed existed (an older agent committed 2.0.0)
+    data = json.loads(store.state_path.read_text())
+    del data["highest_committed"]
+    store.state_path.write_text(json.dumps(data))
+    assert store.read_state().highest_committed is None
+    with pytest.raises(BundleDowngradeError, match=r"not newer than the installed 2\.0\.0"):
+        _install(tmp_path, bundle_keys, "1.0.0")
+    _install(tmp_path, bundle_keys, "2.1.0")  # the install raises the mark to what was committed
+    assert store.read_state().highest_committed == "2.0.0"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -205,3 +206,31 @@ def test_slot_names() -> None:
     assert parse_slot("b") == "b"
     assert parse_slot("c") is None
     assert parse_slot(None) is None
+
+
+def test_state_fields_of_a_newer_agent_are_kept_and_old_files_load(tmp_path: Path) -> None:
+    store = SlotStore(tmp_path)
+    store.root.mkdir()
+    # written before highest_committed existed: loads, the mark unknown
+    store.state_path.write_text('{"committed": {"slot": "a", "version": "1.0"}}')
+    assert store.read_state().highest_committed is None
+    # a field of a newer agent survives this version's rewrite (the launcher rewrites it)
+    store.state_path.write_text('{"committed": null, "future_field": {"x": 1}}')
+    state = store.read_state()
+    state.record("boot")
+    store.write_state(state)
+    assert json.loads(store.state_path.read_text())["future_field"] == {"x": 1}
+
+
+def test_state_json_is_never_read_through_a_link_or_from_a_fifo(tmp_path: Path) -> None:
+    store = SlotStore(tmp_path)
+    store.root.mkdir()
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text('{"committed": {"slot": "a", "version": "9.9"}}')
+    store.state_path.symlink_to(elsewhere)
+    with pytest.raises(BundleError, match=r"state\.json is unreadable"):
+        store.read_state()
+    store.state_path.unlink()
+    os.mkfifo(store.state_path)  # a reader that blocked here would hang `bundle status`
+    with pytest.raises(BundleError, match="not a regular file"):
+        store.read_state()
