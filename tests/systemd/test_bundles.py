@@ -6,8 +6,11 @@ by the launcher on the restart systemd makes, and the old version is READY again
 
 The good bundle is what a release ships: the agent wheel built from this checkout plus the
 wheelhouse of the locked runtime dependencies (the harness's, for the container's Python), a
-config, signed with a real Ed25519 key whose public half is in /etc/edge-agent/bundle-keys. The
-bad one has a post-install check that exits 1. Every assertion reads systemd's view of the unit
+config and a pre-install check that records the user it runs as, signed with a real Ed25519 key
+whose public half is in /etc/edge-agent/bundle-keys; the bundle file is root's, mode 0600. Run
+by root, the install itself runs as the service's user (privilege separation): the check sees
+``edge-agent`` and nothing under bundles/ belongs to root. The bad one has a post-install check
+that exits 1. Every assertion reads systemd's view of the unit
 (``systemctl show``, /proc of its main process) or the files in the state directory, besides
 the CLI's own output. Times are recorded in the suite's measurements.
 """
@@ -78,6 +81,8 @@ def bundles(
     (work / "agent.toml").write_text(BUNDLE_CONFIG, encoding="utf-8")
     hook = work / "post-install"
     hook.write_text("#!/bin/sh\necho 'self-check: camera not found' >&2\nexit 1\n")
+    whoami = work / "pre-install"
+    whoami.write_text('#!/bin/sh\nid -un > "$EDGE_AGENT_BUNDLE_SLOT_DIR/pre-install-user"\n')
     compat = BundleCompat.model_validate(
         {"boards": ["x86_64"], "machine": target.machine, "python": target.short}
     )
@@ -90,6 +95,7 @@ def bundles(
         files=[
             *(PayloadSource(f"wheels/{w.name}", w) for w in wheels),
             PayloadSource("config/agent.toml", work / "agent.toml"),
+            PayloadSource("hooks/pre-install", whoami),
         ],
         agent_version=agent_version,
         key=key,
@@ -114,6 +120,7 @@ def bundles(
     inbox = container.rootfs / "var/tmp"
     for item in (good, bad):
         shutil.copyfile(item, inbox / item.name)
+        (inbox / item.name).chmod(0o600)  # root's only: the installer gets an open descriptor
     try:
         yield Bundles(f"/var/tmp/{good.name}", f"/var/tmp/{bad.name}", good.stat().st_size)
     finally:
@@ -202,13 +209,15 @@ def test_install_restarts_into_the_new_slot_and_commits_it(
     assert boot["committed"] == {"slot": "a", "version": GOOD}, boot
     assert boot["pending"] is None
     assert boot["bad_versions"] == []
-    # root installed it, the service's user owns it (it must lock, write state.json, roll back,
-    # run hooks); a symlink's owner means nothing (`current` is replaced by rename)
+    # root ran the command, the service's user did the install: it created everything (links
+    # included) and ran the pre-install check
     owners = container.sh(
-        f"find {BUNDLES} -not -type l -not -user edge-agent -printf '%u %p\\n' | head -5; "
-        f"stat -c %U {BUNDLES}/slots/a/venv/bin/python3 {BUNDLES}/state.json"
+        f"find {BUNDLES} -not -user edge-agent -printf '%u %p\\n' | head -5; "
+        f"stat -c %U {BUNDLES}/slots/a/venv/bin/python3 {BUNDLES}/state.json {BUNDLES}/current"
     )
-    assert owners.split() == ["edge-agent", "edge-agent"], owners
+    assert owners.split() == ["edge-agent"] * 3, owners
+    hook_user = container.run(["cat", f"{SLOT_A}/pre-install-user"]).stdout.strip()
+    assert hook_user == "edge-agent"
 
     mono = _mono(container, "ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic")
     timings["bundle_install_s"] = round(mono["ExecMainStartTimestampMonotonic"] - started, 1)
