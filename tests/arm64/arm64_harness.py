@@ -179,7 +179,7 @@ def wheelhouse(target: PythonTarget, pins: list[str], timings: dict[str, object]
         if house.is_dir():
             return house
         started = time.monotonic()
-        work = Path(root / f".{ARCH}-wheelhouse-partial")
+        work = root / f".{ARCH}-wheelhouse-partial"
         if work.exists():
             shutil.rmtree(work)
         try:
