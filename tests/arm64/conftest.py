@@ -5,7 +5,8 @@ Needs root, qemu-user-static, binfmt-support, systemd-container, debootstrap and
 arm64_harness); later runs unpack it. Measurements (cache hits, build times, both agents' run
 times, frames/s, the largest differences between the two runs' detections) are printed at the
 end of the run and written to ``$EDGE_AGENT_CI_CACHE/arm64-last-run.json``;
-``tools/bench_arm64.py`` copies them to docs/benchmarks/arm64_smoke.json.
+``tools/bench_arm64.py`` runs the suite cold and warm and puts both runs' measurements into
+docs/benchmarks/arm64_smoke.json.
 """
 
 from __future__ import annotations
