@@ -50,6 +50,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -95,6 +96,7 @@ __all__ = [
     "agent_version",
     "resolve_state_dir",
     "run_bounded",
+    "stop_on_signals",
 ]
 
 _log = logging.getLogger(__name__)
@@ -268,7 +270,9 @@ class Agent:
             self._step("health gate", self._start_health_gate)
 
     def request_stop(self) -> None:
-        """Ask the agent to stop (safe from a signal handler: it only sets the stop event)."""
+        """Ask the agent to stop: set the stop event. NOT for a signal handler: setting a
+        ``threading.Event`` takes its lock, which the interrupted main thread may hold (in
+        ``stop_event.wait``) — a deadlock; use ``stop_on_signals`` there."""
         self.stop_event.set()
 
     def stop(self) -> None:
@@ -1130,3 +1134,53 @@ def run_bounded(name: str, action: Callable[[], None], timeout_s: float) -> None
         _log.error("stop step %r failed: %s", name, errors[0], exc_info=errors[0])
     else:
         _log.debug("stop step %r done in %.3f s", name, time.monotonic() - started)
+
+
+@contextlib.contextmanager
+def stop_on_signals(
+    request_stop: Callable[[], None],
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+) -> Iterator[None]:
+    """While inside, each of ``signals`` calls ``request_stop()`` — from a relay thread, never
+    from the signal handler itself. Python runs a handler in the main thread between two
+    bytecodes, so it can interrupt the main thread while it holds a lock; a handler that
+    took that lock (``threading.Event.set()`` takes the event's, which the agent's main
+    thread holds inside ``stop_event.wait()``) would wait for itself forever: the agent
+    ignores SIGTERM until systemd SIGKILLs it. The handler here only writes the signal
+    number to a non-blocking pipe (no lock); the ``signal-relay`` thread reads it and calls
+    ``request_stop()``. The previous handlers are restored on exit. Main thread only (where
+    Python runs signal handlers); elsewhere it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(write_fd, False)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        with contextlib.suppress(BlockingIOError):  # full pipe: a stop is already queued
+            os.write(write_fd, bytes((signum,)))
+
+    def relay() -> None:
+        while True:
+            data = os.read(read_fd, 64)  # ended by the 0 byte written on exit
+            for signum in data:
+                if signum == 0:
+                    return
+                _log.info("%s received; stopping", signal.Signals(signum).name)
+                request_stop()
+
+    thread = threading.Thread(target=relay, name="signal-relay", daemon=True)
+    thread.start()
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.write(write_fd, b"\0")  # room: the relay keeps the pipe drained
+        thread.join(10.0)
+        if thread.is_alive():  # leave the fds to the daemon thread: closing them under it races
+            _log.warning("signal relay thread did not end within 10 s")
+        else:
+            os.close(read_fd)
+            os.close(write_fd)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 
 from agent.bundles.boot import SLOT_ENV, exec_slot, mark_failed, select
@@ -25,7 +22,7 @@ from agent.config import DEFAULT_CONFIG_PATH, AgentConfig
 from agent.configfile import load_config, resolve_config_path
 from agent.defaults import default_config
 from agent.errors import reason_code
-from agent.process import RESTART_EXIT_STATUS, Agent, resolve_state_dir
+from agent.process import RESTART_EXIT_STATUS, Agent, resolve_state_dir, stop_on_signals
 from pipelines.config import VisionPipelineConfig
 
 __all__ = ["register", "run_agent"]
@@ -214,18 +211,9 @@ def run_agent(
     ``live_view``: write the live view of that broker there (``agent.cli.live_view``)."""
     agent = Agent(config, local_broker=local_broker)
     view: LiveView | None = None
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        # only sets the stop event: safe at any point of the main thread
-        agent.request_stop()
-        _log.debug("signal %s received", signal.Signals(signum).name)
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {}
-    if in_main:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, on_signal)
-    try:
+    # SIGTERM/SIGINT -> agent.request_stop() from a relay thread: a handler that set the stop
+    # event itself could deadlock on the event's lock held by the interrupted main thread
+    with stop_on_signals(agent.request_stop):
         try:
             agent.start()
             if live_view is not None and not agent.stop_event.is_set():
@@ -237,9 +225,6 @@ def run_agent(
             finally:
                 if view is not None:  # after the stop: the view shows the last status too
                     view.close()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if agent.exit_status:  # the agent itself logged "agent stopped"
         _log.info("exit status %d (restart requested)", agent.exit_status)
     return agent.exit_status
