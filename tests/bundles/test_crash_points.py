@@ -14,6 +14,7 @@ notify socket and reports the version in status.json (2.0.0 then passes its gate
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -96,6 +97,20 @@ def _launcher_config(state_dir: Path, trusted: Path) -> Path:
     return path
 
 
+def _wait_or_dump_stacks(agent: AgentProcess, timeout_s: float) -> int:
+    """The agent's exit status; if it is still running after ``timeout_s``, SIGABRT makes
+    faulthandler (PYTHONFAULTHANDLER=1) write every thread's stack to stderr, and the test
+    fails with them."""
+    try:
+        return agent.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        agent.signal(signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            agent.wait(30)
+        stacks = "\n".join(agent.stderr[-80:])
+        pytest.fail(f"agent did not stop within {timeout_s:g} s of SIGTERM; stderr:\n{stacks}")
+
+
 @pytest.fixture
 def notify(tmp_path: Path) -> Iterator[NotifyListener]:
     listener = NotifyListener(str(tmp_path / "notify.sock"))
@@ -156,7 +171,9 @@ def test_install_killed_at(point: str, device: Device, state: Path, notify: Noti
     assert store.slot_problems(slot) == []
     assert store.slot_problems("a") == []  # the old version is intact whatever happened
 
-    agent = AgentProcess(["run", "--config", str(config)], base_env(NOTIFY_SOCKET=notify.address))
+    # PYTHONFAULTHANDLER: a hang is dumped (SIGABRT -> every thread's stack on stderr)
+    env = base_env(NOTIFY_SOCKET=notify.address, PYTHONFAULTHANDLER="1")
+    agent = AgentProcess(["run", "--config", str(config)], env)
     try:
         notify.take("READY=1", timeout_s=120)
         cmdline = Path(f"/proc/{agent.proc.pid}/cmdline").read_bytes().split(b"\0")
@@ -177,10 +194,7 @@ def test_install_killed_at(point: str, device: Device, state: Path, notify: Noti
         else:
             assert store.read_state().pending is None  # a stale pending entry was cleared
         agent.signal(signal.SIGTERM)
-        try:
-            code = agent.wait(60)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"agent did not stop on SIGTERM; stderr: {agent.stderr[-15:]}")
+        code = _wait_or_dump_stacks(agent, 60)
         assert code == 0, agent.stderr[-10:]
     finally:
         agent.kill()
