@@ -1167,7 +1167,10 @@ def stop_on_signals(
                 if signum == 0:
                     return
                 _log.info("%s received; stopping", signal.Signals(signum).name)
-                request_stop()
+                try:
+                    request_stop()
+                except Exception:  # noqa: BLE001 - logged; the relay must pass on the next signal
+                    _log.exception("stop request after signal %d failed", signum)
 
     thread = threading.Thread(target=relay, name="signal-relay", daemon=True)
     thread.start()
