@@ -68,7 +68,12 @@ class TensorEngine(abc.ABC):
     def collect(
         self, ticket: Ticket, timeout_s: float | None = None
     ) -> dict[str, npt.NDArray[Any]]:
-        """Wait for ``ticket`` and return its outputs (engine-owned buffers)."""
+        """Wait for ``ticket`` and return its outputs (engine-owned buffers).
+
+        ``timeout_s`` bounds this wait, not the inference: when it passes first, collect raises
+        ``InferenceTimeoutError`` and the ticket stays outstanding (its slot taken), so a slow
+        call is collected by calling again; no ticket may be abandoned, or its slot never
+        frees."""
 
     def infer(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         """Synchronous ``submit`` + ``collect``."""

@@ -16,7 +16,10 @@ and a one-line message that names the file or setting and the fix. Errors from t
     │                             └── PlanCompatibilityErrorplan_incompatible
     ├── InferenceError            inference_failed        the runtime failed during a call
     │                             ├── InputSpecError      input_spec_mismatch
-    │                             └── InferenceAbortedError inference_aborted (abort() asked)
+    │                             ├── InferenceAbortedError inference_aborted (abort() asked)
+    │                             └── InferenceTimeoutError inference_timeout collect()'s
+    │                                                     timeout passed first; the ticket is
+    │                                                     still outstanding: collect it again
     ├── EngineClosedError         engine_closed           used after close()
     ├── PlanBuildError            plan_build_failed       ONNX -> plan build failed
     ├── AffinityError             affinity_failed         a thread could not be pinned to its CPUs
@@ -44,6 +47,7 @@ __all__ = [
     "EngineUnavailableError",
     "InferenceAbortedError",
     "InferenceError",
+    "InferenceTimeoutError",
     "InputSpecError",
     "ManifestError",
     "ModelFileError",
@@ -102,6 +106,13 @@ class InputSpecError(InferenceError):
 
 class InferenceAbortedError(InferenceError):
     reason = "inference_aborted"
+
+
+class InferenceTimeoutError(InferenceError):
+    """``collect(ticket, timeout_s)`` returned before the call finished: slow, not failed (the
+    ticket stays outstanding; collect it again)."""
+
+    reason = "inference_timeout"
 
 
 class EngineClosedError(EngineError):

@@ -32,6 +32,7 @@ from engines.errors import (
     AffinityError,
     EngineClosedError,
     InferenceError,
+    InferenceTimeoutError,
     InputSpecError,
     ModelFormatError,
     ModelLoadError,
@@ -289,7 +290,7 @@ class OnnxRuntimeEngine(TensorEngine):
                 f"inference of {self._path} (ticket #{ticket.sequence}) did not finish within "
                 f"{timeout_s} s: collect again with a longer timeout"
             )
-            raise InferenceError(msg)
+            raise InferenceTimeoutError(msg)
         with self._lock:
             self._ring.release(ticket)
         if slot.error is not None:

@@ -4,9 +4,12 @@ checks every engine call starts with (engine still open, input name known).
 A slot is one set of buffers (and, on TensorRT, an execution context, a CUDA stream and an event).
 ``submit`` takes the next free slot in turn and hands back a :class:`~engines.base.Ticket`; the
 slot stays taken until that ticket is collected, so neither its input buffer (being read) nor its
-output buffers (not yet read) are touched meanwhile. With every slot taken, ``submit`` and
-``input_buffer`` raise ``InferenceError`` instead of blocking (blocking would deadlock a
-single-threaded caller).
+output buffers (not yet read) are touched meanwhile. A ``collect`` whose timeout passes first
+(``InferenceTimeoutError``) leaves the ticket outstanding: collect it again, never abandon it, or
+its slot stays taken for good. With every slot taken, ``submit`` and ``input_buffer`` raise
+``InferenceError`` instead of blocking (blocking would deadlock a single-threaded caller); a
+threaded caller bounds its own submissions by the slot count (the vision pipeline's slot tokens)
+and so never meets this.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class SlotRing:
         oldest = min(self._outstanding.values())
         msg = (
             f"all {self._count} slots hold uncollected tickets (oldest #{oldest}): collect() a "
-            "ticket before submitting again"
+            "ticket before submitting again (one whose collect timed out is still outstanding)"
         )
         raise InferenceError(msg)
 

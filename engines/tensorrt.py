@@ -41,6 +41,7 @@ from engines.base import TensorEngine, TensorSpec, Ticket
 from engines.errors import (
     EngineUnavailableError,
     InferenceError,
+    InferenceTimeoutError,
     InputSpecError,
     ModelFileError,
     ModelLoadError,
@@ -519,7 +520,7 @@ class TensorRTEngine(TensorEngine):
                     f"inference of {self._path} (ticket #{ticket.sequence}) did not finish "
                     f"within {timeout_s} s: collect again with a longer timeout"
                 )
-                raise InferenceError(msg)
+                raise InferenceTimeoutError(msg)
             time.sleep(_POLL_S)
 
     def _finish(self, slot: _Slot) -> None:
