@@ -15,7 +15,10 @@
 - **inference**: the preprocess stage ``submit``s each batch as soon as it is written (so the
   engine runs batch N while N+1 is prepared), this stage ``collect``s them in order. At most
   one batch per engine slot is in flight, counted by a slot token that postprocess returns once
-  it has decoded the engine-owned outputs (no output copy).
+  it has decoded the engine-owned outputs (no output copy). A slow call is waited for, never
+  dropped: ``collect`` waits in short slices and the worker beats between them (a dropped ticket
+  would keep its engine slot forever). Only a call still running after ``_STALL_INTERVALS``
+  heartbeat intervals counts as stalled: the worker then stops beating, so the watchdog sees it.
 - **postprocess**: the model's decoder (score threshold, class allow-list, boxes back to source
   pixels, class-aware NMS, max detections).
 - **sink**: builds the schema-versioned result message (``pipelines.vision.results``) per frame
@@ -42,7 +45,7 @@ import numpy.typing as npt
 from pydantic import ValidationError
 
 from engines.base import TensorEngine, Ticket
-from engines.errors import EngineError
+from engines.errors import EngineError, InferenceTimeoutError
 from pipelines.base import PipelineContext
 from pipelines.config import VisionPipelineConfig
 from pipelines.errors import PipelineConfigError, PipelineError, PipelineStateError
@@ -65,6 +68,10 @@ _log = logging.getLogger(__name__)
 
 _POLL_S = 0.25
 """Longest a worker blocks before it checks for stop and beats again."""
+
+_STALL_INTERVALS = 6
+"""An engine call still running after this many heartbeat intervals is stalled, not slow: the
+inference worker stops beating (the watchdog then sees it stale) and keeps waiting."""
 
 State = Literal["created", "running", "finished", "stopping", "stopped", "failed"]
 LATENCY_STAGES = ("wait", "preprocess", "inference", "postprocess", "sink", "end_to_end")
@@ -136,7 +143,6 @@ class VisionPipeline:
         # always writes into a free slot and a slot's outputs stay put until they are decoded
         self._slots = _engine_slots(engine)
         self._slot_free = threading.Semaphore(self._slots)
-        self._collect_timeout = max(1.0, 0.8 * config.heartbeat_interval_s)
         self._stop = threading.Event()
         self._capture_stop = threading.Event()  # set by stop(), or when a bounded run is done
         self._external: threading.Event | None = None
@@ -156,6 +162,8 @@ class VisionPipeline:
                 "batches",
                 "preprocess_errors",
                 "inference_errors",
+                "slow_inferences",
+                "stalled_inferences",
                 "postprocess_errors",
                 "sink_errors",
             )
@@ -277,6 +285,11 @@ class VisionPipeline:
                 "inference_errors": counters["inference_errors"],
                 "postprocess_errors": counters["postprocess_errors"],
                 "sink_errors": counters["sink_errors"],
+            },
+            "inference_waits": {
+                "slow": counters["slow_inferences"],
+                "stalled": counters["stalled_inferences"],
+                "stall_after_s": _STALL_INTERVALS * self.config.heartbeat_interval_s,
             },
             "reconnects": sum(s["reconnects"] for s in sources),
             "settings": self.settings(),
@@ -503,12 +516,15 @@ class VisionPipeline:
             try:
                 # engine-owned outputs: valid until this slot runs again, which cannot happen
                 # before postprocess releases the slot token
-                batch.outputs = self._engine.collect(batch.ticket, timeout_s=self._collect_timeout)
-            except EngineError as exc:
+                outputs = self._collect(batch.ticket, worker)
+            except EngineError as exc:  # the engine has released the ticket: drop the batch
                 self._slot_free.release()
                 self._counters.add("inference_errors")
                 _log.error("pipeline %s: inference failed, batch dropped: %s", self.name, exc)
                 continue
+            if outputs is None:  # stopped while waiting
+                return
+            batch.outputs = outputs
             done = time.monotonic()
             # the engine runs one call at a time, in order: this one started when it was
             # submitted or when the previous one finished, whichever came later
@@ -517,6 +533,54 @@ class VisionPipeline:
             self._counters.add("batches")
             if not self._put(self._to_post, batch, worker):
                 return
+
+    def _collect(self, ticket: Ticket, worker: str) -> dict[str, npt.NDArray[Any]] | None:
+        """``ticket``'s outputs, waited for in ``_POLL_S`` slices with a beat between them;
+        None on stop.
+
+        A slice that times out (``InferenceTimeoutError``) leaves the ticket outstanding and is
+        simply waited again: a slow engine is never a failure. A call slower than the heartbeat
+        interval is counted as slow; one still running after ``_STALL_INTERVALS`` intervals is
+        stalled: logged once, and this worker stops beating (the watchdog sees it stale) until
+        the call ends or the pipeline stops.
+        """
+        interval = self.config.heartbeat_interval_s
+        stall_s = _STALL_INTERVALS * interval
+        start = time.monotonic()
+        stalled = False
+        while not self._halted():
+            waited = time.monotonic() - start
+            if waited < stall_s:
+                self._beat(worker)
+            elif not stalled:
+                stalled = True
+                self._counters.add("stalled_inferences")
+                _log.error(
+                    "pipeline %s: inference (ticket #%d) still running after %.1f s (%d "
+                    "heartbeat intervals): the engine looks stalled; %s stops beating so the "
+                    "watchdog sees it",
+                    self.name,
+                    ticket.sequence,
+                    waited,
+                    _STALL_INTERVALS,
+                    worker,
+                )
+            try:
+                outputs = self._engine.collect(ticket, timeout_s=_POLL_S)
+            except InferenceTimeoutError:
+                continue  # still running: the ticket is outstanding, wait again
+            waited = time.monotonic() - start
+            if waited > interval:
+                self._counters.add("slow_inferences")
+            if stalled:
+                _log.warning(
+                    "pipeline %s: the stalled inference (ticket #%d) finished after %.1f s",
+                    self.name,
+                    ticket.sequence,
+                    waited,
+                )
+            return outputs
+        return None
 
     def _postprocess_loop(self, worker: str) -> None:
         while True:
