@@ -44,14 +44,18 @@ def _feed(batch: int) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def per_image_s(models_dir: Path) -> float:
-    """Seconds one image adds to a call of the real model with one intra-op thread, here."""
+    """Seconds one image adds to a call of the real model with one intra-op thread, here (the
+    faster of two calls: other load on the machine only makes the pipeline's calls slower)."""
     config = OnnxRuntimeConfig.model_validate(SLOW_ENGINE)
     with build_engine(config, models_dir / f"{MODEL}.onnx", cpus=frozenset()) as engine:
         feed = _feed(8)
         engine.infer(feed)  # the first call of a shape sizes its outputs
-        start = time.perf_counter()
-        engine.infer(feed)
-        return (time.perf_counter() - start) / 8
+        took = []
+        for _ in range(2):
+            start = time.perf_counter()
+            engine.infer(feed)
+            took.append(time.perf_counter() - start)
+        return min(took) / 8
 
 
 def _batch_taking(seconds: float, per_image_s: float) -> int:
