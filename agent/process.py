@@ -690,6 +690,14 @@ class Agent:
     def _failed_slots(self) -> list[_PipelineSlot]:
         return [s for s in self._slots if s.failed]
 
+    def failed_pipelines(self) -> list[str]:
+        """The pipelines that failed to start or failed while running, as ``name [reason]``."""
+        with self._lock:
+            return [
+                f"{s.config.name} [{reason_code(s.error) if s.error else 'pipeline_failed'}]"
+                for s in self._failed_slots()
+            ]
+
     # ------------------------------------------------------------------ stop
     def _pipelines_stop_budget_s(self) -> float:
         """Time to stop every pipeline: ``stop_timeout_s`` each (at least one)."""

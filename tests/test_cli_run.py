@@ -185,6 +185,23 @@ def test_frames_bound_runs_real_pipeline(
     assert states[-1] == "stopping"
 
 
+def test_frames_bound_with_a_failed_pipeline_exits_1(
+    tmp_path: Path, models_dir: Path, agents: list[AgentProcess]
+) -> None:
+    """A bounded run whose pipeline cannot get to its end fails (exit 1, one line naming it),
+    so a script or test running `--frames N` does not take a dead pipeline for success."""
+    missing = tmp_path / "no-such-video.mp4"
+    config = write_config(
+        tmp_path,
+        '[[pipelines]]\ntype = "vision"\nname = "street"\nmodel = "yolox_nano_416"\n'
+        'engine = { type = "onnxruntime" }\n'
+        f'sources = [{{ type = "file", path = "{missing}" }}]\n',
+    )
+    env = base_env(EDGE_AGENT_MODEL_PATH=str(models_dir))
+    agent = start(agents, ["run", "--config", str(config), "--frames", "4"], env)
+    assert_one_error_line(agent, "pipeline_failed", "street [source_open_failed]")
+
+
 def test_duration_bound(tmp_path: Path, agents: list[AgentProcess]) -> None:
     agent = start(
         agents, ["run", "--config", str(write_config(tmp_path)), "--duration", "0.5"], base_env()

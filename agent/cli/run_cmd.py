@@ -211,6 +211,7 @@ def run_agent(
     ``live_view``: write the live view of that broker there (``agent.cli.live_view``)."""
     agent = Agent(config, local_broker=local_broker)
     view: LiveView | None = None
+    failed: list[str] = []
     # SIGTERM/SIGINT -> agent.request_stop() from a relay thread: a handler that set the stop
     # event itself could deadlock on the event's lock held by the interrupted main thread
     with stop_on_signals(agent.request_stop):
@@ -219,6 +220,7 @@ def run_agent(
             if live_view is not None and not agent.stop_event.is_set():
                 view = start_live_view(agent.local_broker, agent.config.device_id, live_view)
             agent.run(duration_s=duration_s, until_finished=until_finished)
+            failed = agent.failed_pipelines() if until_finished else []
         finally:
             try:
                 agent.stop()
@@ -227,4 +229,11 @@ def run_agent(
                     view.close()
     if agent.exit_status:  # the agent itself logged "agent stopped"
         _log.info("exit status %d (restart requested)", agent.exit_status)
+    elif failed:  # a bounded run (--frames) succeeds only if every pipeline got to its end
+        print(
+            f"edge-agent: error [pipeline_failed]: pipeline(s) failed: {', '.join(failed)} "
+            "(the log above has the cause)",
+            file=sys.stderr,
+        )
+        return 1
     return agent.exit_status
