@@ -21,7 +21,7 @@ from agent.cli.live_view import (
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig
 from agent.configfile import load_config, resolve_config_path
 from agent.defaults import default_config
-from agent.errors import reason_code
+from agent.errors import ConfigError, reason_code
 from agent.process import RESTART_EXIT_STATUS, Agent, resolve_state_dir, stop_on_signals
 from pipelines.config import VisionPipelineConfig
 
@@ -120,10 +120,18 @@ def _positive_float(text: str) -> float:
 def _run(args: argparse.Namespace) -> int:
     path = resolve_config_path(args.config)
     embedded = path is None
-    config = default_config() if embedded else load_config(path)
+    slot = os.environ.get(SLOT_ENV)
+    try:
+        config = default_config() if embedded else load_config(path)
+    except ConfigError as exc:
+        # a version on trial whose config cannot load: its failure (exit 75, the launcher rolls
+        # back) rather than exit 78, which would stop systemd from ever starting it again
+        if slot and path is not None and _pending_config_failed(slot, exc):
+            print(f"edge-agent: error [{reason_code(exc)}]: {exc}", file=sys.stderr)
+            return RESTART_EXIT_STATUS
+        raise
     if not args.debug:
         logging.getLogger().setLevel(config.log_level.upper())
-    slot = os.environ.get(SLOT_ENV)
     if not slot:
         _boot_bundle_slot(config, path, args)  # returns only for the factory install
     if args.frames is not None:
@@ -175,6 +183,12 @@ def _boot_bundle_slot(config: AgentConfig, path: Path | None, args: argparse.Nam
         run_args=run_args,
         global_args=["--debug"] if args.debug else [],
     )
+
+
+def _pending_config_failed(slot: str, exc: ConfigError) -> bool:
+    """A bundle config on trial that does not load: recorded as the version's failure (the
+    state directory comes from the environment the launcher set: ``$STATE_DIRECTORY``)."""
+    return _pending_start_failed(AgentConfig(), slot, exc)
 
 
 def _pending_start_failed(config: AgentConfig, slot: str, exc: Exception) -> bool:

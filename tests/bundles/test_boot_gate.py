@@ -336,6 +336,25 @@ def test_start_failure_while_pending_exits_75_then_rolls_back(
     _expect_rollback_to_factory(tmp_path, config, notify, models_dir, "start failed [pinning")
 
 
+def test_config_that_no_longer_loads_while_pending_exits_75_then_rolls_back(
+    tmp_path: Path, bundle_keys: BundleKeys, notify: NotifyListener, models_dir: Path
+) -> None:
+    """The installer validated the config; a slot whose config file went bad on disk afterwards
+    is the version's failure (exit 75, rolled back), not exit 78, after which systemd would
+    never start the agent again."""
+    _install(tmp_path, bundle_keys, "1.0.0", _bundle_files())
+    slot_config = tmp_path / "state/bundles/slots/a/files/config/agent.toml"
+    slot_config.write_text("this is = = not toml\n")
+    config = _launcher_config(tmp_path, bundle_keys)
+    agent = _launch(config, notify, models_dir)
+    try:
+        assert agent.wait(60) == RESTART
+    finally:
+        agent.kill()
+    assert agent.stderr[-1].startswith("edge-agent: error [config_invalid]: "), agent.stderr
+    _expect_rollback_to_factory(tmp_path, config, notify, models_dir, "start failed [config")
+
+
 def test_attempt_counter_survives_sigkill_then_rolls_back(
     tmp_path: Path, bundle_keys: BundleKeys, notify: NotifyListener, models_dir: Path
 ) -> None:
