@@ -29,7 +29,6 @@ list of possible processors" and ONNX Runtime carries on without it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import shutil
@@ -47,16 +46,14 @@ from nspawn_harness import (
     _cache_lock,
     _digest,
     _download_wheels,
-    _pack,
     _prune,
     cache_dir,
+    debootstrap_tarball,
     locked_requirements,
     mirror,
     nspawn_run,
-    python_target,
     run,
-    scratch_tmpfs,
-    unpack,
+    venv_rootfs_tarball,
 )
 
 __all__ = [
@@ -127,41 +124,9 @@ def _base_key() -> str:
 
 def base_rootfs_tarball(timings: dict[str, object]) -> tuple[Path, PythonTarget]:
     """The cached arm64 debootstrap tarball (built under emulation when missing) and its python."""
-    with _cache_lock() as root:
-        tarball = root / f"{PREFIX}{_base_key()}.tar.zst"
-        facts = tarball.with_suffix("").with_suffix(".json")
-        timings["cache_base_hit"] = tarball.is_file() and facts.is_file()
-        if tarball.is_file() and facts.is_file():
-            return tarball, PythonTarget.from_json(facts.read_text())
-        started = time.monotonic()
-        with scratch_tmpfs(".debootstrap-arm64-") as work:
-            rootfs = work / "rootfs"
-            run(
-                [
-                    "debootstrap",
-                    f"--arch={ARCH}",
-                    "--variant=minbase",
-                    f"--include={','.join(PACKAGES)}",
-                    SUITE,
-                    rootfs,
-                    mirror(),
-                ],
-                timeout=3600,
-            )
-            for leftover in (rootfs / "var/cache/apt/archives").glob("*.deb"):
-                leftover.unlink()
-            lists = rootfs / "var/lib/apt/lists"
-            if lists.is_dir():
-                shutil.rmtree(lists)
-            target = dataclasses.replace(python_target(rootfs), machine=MACHINE)
-            facts.write_text(target.to_json())
-            _pack(rootfs, tarball)
-        for stale in root.glob(f"{PREFIX}*"):  # other bases and everything built on them
-            if stale not in {tarball, facts}:
-                _log.info("pruning stale cache entry %s", stale)
-                stale.unlink()
-        timings["debootstrap_s"] = round(time.monotonic() - started, 1)
-        return tarball, target
+    return debootstrap_tarball(
+        PREFIX, _base_key(), PACKAGES, timings, timeout=3600, arch=ARCH, machine=MACHINE
+    )
 
 
 def runtime_pins(target: PythonTarget) -> list[str]:
@@ -208,32 +173,7 @@ def deps_rootfs_tarball(timings: dict[str, object]) -> Path:
     if tarball.is_file():
         return tarball
     house = wheelhouse(target, pins, timings)
-    with scratch_tmpfs(".deps-arm64-") as work:
-        rootfs = work / "rootfs"
-        unpack(base, rootfs)
-        started = time.monotonic()
-        req = work / "requirements.txt"
-        req.write_text("\n".join(pins) + "\n")
-        nspawn_run(
-            rootfs,
-            [
-                "/bin/sh",
-                "-ec",
-                (
-                    f"python3 -m venv {VENV}\n"
-                    f"{VENV}/bin/pip install --quiet --no-index --find-links /mnt/wheelhouse "
-                    "-r /mnt/requirements.txt"
-                ),
-            ],
-            binds={house: "/mnt/wheelhouse", req: "/mnt/requirements.txt"},
-            timeout=1800,
-        )
-        timings["deps_install_s"] = round(time.monotonic() - started, 1)
-        with _cache_lock():
-            if not tarball.is_file():
-                _pack(rootfs, tarball)
-            _prune(tarball, f"{prefix}*.tar.zst")
-    return tarball
+    return venv_rootfs_tarball(base, tarball, prefix, pins, house, timings=timings, timeout=1800)
 
 
 _FACTS = (

@@ -11,7 +11,6 @@ docs/benchmarks/arm64_smoke.json.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -36,7 +35,12 @@ from arm64_harness import (  # noqa: E402
     install_agent,
     missing_host_tools,
 )
-from nspawn_harness import build_wheel, cache_dir, scratch_tmpfs, unpack  # noqa: E402
+from nspawn_harness import (  # noqa: E402
+    build_wheel,
+    scratch_tmpfs,
+    unpack,
+    write_measurements,
+)
 
 MEASUREMENTS = pytest.StashKey[dict[str, object]]()
 LAST_RUN = "arm64-last-run.json"
@@ -49,16 +53,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, config: pytest.Config
 ) -> None:
-    measurements = config.stash.get(MEASUREMENTS, {})
-    if not measurements:
-        return
-    terminalreporter.section("arm64 smoke suite: measurements")
-    for key, value in measurements.items():
-        terminalreporter.write_line(f"{key}: {json.dumps(value)}")
-    out = cache_dir() / LAST_RUN
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(measurements, indent=2) + "\n")
-    terminalreporter.write_line(f"(written to {out})")
+    write_measurements(
+        terminalreporter,
+        "arm64 smoke suite: measurements",
+        config.stash.get(MEASUREMENTS, {}),
+        LAST_RUN,
+    )
 
 
 @pytest.fixture(scope="session")

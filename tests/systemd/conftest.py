@@ -9,7 +9,6 @@ written to ``$EDGE_AGENT_CI_CACHE/last-run.json``.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -20,12 +19,12 @@ from nspawn_harness import (
     AGENT_UNIT,
     Container,
     build_wheel,
-    cache_dir,
     deps_rootfs_tarball,
     install_agent,
     missing_host_tools,
     scratch_tmpfs,
     unpack,
+    write_measurements,
 )
 
 TIMINGS = pytest.StashKey[dict[str, object]]()
@@ -38,16 +37,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, config: pytest.Config
 ) -> None:
-    timings = config.stash.get(TIMINGS, {})
-    if not timings:
-        return
-    terminalreporter.section("real systemd suite: measurements")
-    for key, value in timings.items():
-        terminalreporter.write_line(f"{key}: {value}")
-    out = cache_dir() / "last-run.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(timings, indent=2) + "\n")
-    terminalreporter.write_line(f"(written to {out})")
+    write_measurements(
+        terminalreporter,
+        "real systemd suite: measurements",
+        config.stash.get(TIMINGS, {}),
+        "last-run.json",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ that is killed half-way leaves no broken cache behind; a cold run simply builds 
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -40,6 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from packaging.markers import Marker
 
 __all__ = [
@@ -49,11 +51,14 @@ __all__ = [
     "HarnessError",
     "build_wheel",
     "cache_dir",
+    "debootstrap_tarball",
     "deps_rootfs_tarball",
     "install_agent",
     "missing_host_tools",
     "scratch_tmpfs",
     "unpack",
+    "venv_rootfs_tarball",
+    "write_measurements",
 ]
 
 _log = logging.getLogger(__name__)
@@ -251,25 +256,43 @@ def python_target(rootfs: Path) -> PythonTarget:
 
 def base_rootfs_tarball(timings: dict[str, object]) -> tuple[Path, PythonTarget]:
     """The cached debootstrap tarball (built, a minute or two, when missing) and its python."""
+    return debootstrap_tarball(f"{SUITE}-", _base_key(), PACKAGES, timings, timeout=1800)
+
+
+def debootstrap_tarball(
+    prefix: str,
+    key: str,
+    packages: Sequence[str],
+    timings: dict[str, object],
+    *,
+    timeout: float,
+    arch: str | None = None,
+    machine: str | None = None,
+) -> tuple[Path, PythonTarget]:
+    """``<prefix><key>.tar.zst``: a cached ``debootstrap --variant=minbase`` of SUITE with
+    ``packages`` (for ``arch``, built under emulation, when given), and its python (``machine``
+    overrides the one the host reports). Building it prunes every other ``<prefix>*`` entry:
+    other bases and everything built on them."""
     with _cache_lock() as root:
-        tarball = root / f"{SUITE}-{_base_key()}.tar.zst"
+        tarball = root / f"{prefix}{key}.tar.zst"
         facts = tarball.with_suffix("").with_suffix(".json")
         timings["cache_base_hit"] = tarball.is_file() and facts.is_file()
         if tarball.is_file() and facts.is_file():
             return tarball, PythonTarget.from_json(facts.read_text())
         started = time.monotonic()
-        with scratch_tmpfs(".debootstrap-") as work:
+        with scratch_tmpfs(f".debootstrap-{arch or 'host'}-") as work:
             rootfs = work / "rootfs"
             run(
                 [
                     "debootstrap",
+                    *([f"--arch={arch}"] if arch else []),
                     "--variant=minbase",
-                    f"--include={','.join(PACKAGES)}",
+                    f"--include={','.join(packages)}",
                     SUITE,
                     rootfs,
                     mirror(),
                 ],
-                timeout=1800,
+                timeout=timeout,
             )
             for leftover in (rootfs / "var/cache/apt/archives").glob("*.deb"):
                 leftover.unlink()
@@ -277,9 +300,11 @@ def base_rootfs_tarball(timings: dict[str, object]) -> tuple[Path, PythonTarget]
             if lists.is_dir():
                 shutil.rmtree(lists)
             target = python_target(rootfs)
+            if machine is not None:
+                target = dataclasses.replace(target, machine=machine)
             facts.write_text(target.to_json())
             _pack(rootfs, tarball)
-        for stale in root.glob(f"{SUITE}-*"):  # other bases and everything built on them
+        for stale in root.glob(f"{prefix}*"):  # other bases and everything built on them
             if stale not in {tarball, facts}:
                 _log.info("pruning stale cache entry %s", stale)
                 stale.unlink()
@@ -486,6 +511,21 @@ def deps_rootfs_tarball(timings: dict[str, object]) -> Path:
     if tarball.is_file():
         return tarball
     house = wheelhouse(target, pins, timings)
+    return venv_rootfs_tarball(base, tarball, prefix, pins, house, timings=timings, timeout=900)
+
+
+def venv_rootfs_tarball(
+    base: Path,
+    tarball: Path,
+    prefix: str,
+    pins: Sequence[str],
+    house: Path,
+    *,
+    timings: dict[str, object],
+    timeout: float,
+) -> Path:
+    """``tarball``: the ``base`` rootfs plus VENV with ``pins`` installed from the wheelhouse
+    ``house`` by pip inside the rootfs; older ``<prefix>*`` tarballs are pruned."""
     with scratch_tmpfs(".deps-") as work:
         rootfs = work / "rootfs"
         unpack(base, rootfs)
@@ -504,7 +544,7 @@ def deps_rootfs_tarball(timings: dict[str, object]) -> Path:
                 ),
             ],
             binds={house: "/mnt/wheelhouse", req: "/mnt/requirements.txt"},
-            timeout=900,
+            timeout=timeout,
         )
         timings["deps_install_s"] = round(time.monotonic() - started, 1)
         with _cache_lock():
@@ -512,6 +552,25 @@ def deps_rootfs_tarball(timings: dict[str, object]) -> Path:
                 _pack(rootfs, tarball)
             _prune(tarball, f"{prefix}*.tar.zst")
     return tarball
+
+
+def write_measurements(
+    terminalreporter: pytest.TerminalReporter,
+    title: str,
+    values: Mapping[str, object],
+    filename: str,
+) -> None:
+    """A suite's measurements: printed at the end of the run and written to
+    ``<cache_dir>/<filename>`` as JSON (nothing when there are none)."""
+    if not values:
+        return
+    terminalreporter.section(title)
+    for key, value in values.items():
+        terminalreporter.write_line(f"{key}: {json.dumps(value)}")
+    out = cache_dir() / filename
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(values, indent=2) + "\n")
+    terminalreporter.write_line(f"(written to {out})")
 
 
 def build_wheel(out_dir: Path) -> Path:
