@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.reporting.local_broker import find_mosquitto
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
@@ -45,3 +47,12 @@ def model_search_path(models_dir: Path) -> str:
     default = Path.home() / ".cache" / "edge-agent-test" / "models"
     llm = Path(os.environ.get("EDGE_AGENT_TEST_MODEL_STORE", default))
     return f"{models_dir}{os.pathsep}{llm}"
+
+
+@pytest.fixture
+def mosquitto() -> Path:
+    """The mosquitto binary (the local-broker and live-view tests start their own)."""
+    binary = find_mosquitto()
+    if binary is None:
+        pytest.fail("mosquitto is not installed (apt-get install mosquitto; ./bootstrap does)")
+    return binary

@@ -27,12 +27,13 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 from agent_process_support import ROOT, AgentProcess, base_env
+from child_support import process_alive
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent import configfile
 from agent.cli.live_view import LiveView, format_telemetry, start_live_view
 from agent.errors import ReportingError
-from agent.reporting.local_broker import LocalBroker, find_mosquitto
+from agent.reporting.local_broker import LocalBroker
 from agent.reporting.messages import (
     OutboxTelemetry,
     StatusMessage,
@@ -49,21 +50,6 @@ HEADER = re.compile(r"live view: subscribed to edge/[^/]+/# on MQTT 127\.0\.0\.1
 BROKER_LOG = re.compile(r"local MQTT broker on 127\.0\.0\.1:(\d+)")
 TELEMETRY = re.compile(r"temp (n/a|\d+\.\d°C), load \d+\.\d\d, agent \d+% CPU \d+ MB")
 NARRATOR = re.compile(r"^\d\d:\d\d:\d\d narrator \(assistant\): \S")
-
-
-@pytest.fixture
-def mosquitto() -> Path:
-    binary = find_mosquitto()
-    if binary is None:
-        pytest.fail("mosquitto is not installed (apt-get install mosquitto; ./bootstrap does)")
-    return binary
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def _wait_lines(
@@ -377,7 +363,7 @@ def test_live_view_shows_mqtt_detections_narrator_and_telemetry(
     )
     assert "offline" in next(line for line in reversed(agent.stdout) if " status: " in line)
     # the broker went with the agent
-    assert not _alive(int(record["pid"]))
+    assert not process_alive(int(record["pid"]))
 
 
 def test_live_view_without_the_local_broker_is_one_clear_line(tmp_path: Path) -> None:
@@ -499,6 +485,6 @@ def test_ctrl_c_in_a_terminal_stops_the_whole_product_with_exit_0(
     screen = term.read()
     assert "Traceback" not in screen, screen
     assert "agent.process: agent stopped" in screen
-    assert not _alive(int(record["pid"]))
+    assert not process_alive(int(record["pid"]))
     status = json.loads((tmp_path / "state" / "status.json").read_text())
     assert status["state"] == "stopped"

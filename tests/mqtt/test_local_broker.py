@@ -18,13 +18,14 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 from agent_process_support import AgentProcess, base_env
+from child_support import process_alive
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent import configfile
 from agent.config import AgentConfig
 from agent.process import Agent
 from agent.reporting import local_broker
-from agent.reporting.local_broker import CONTROLLER, LocalBroker, find_mosquitto
+from agent.reporting.local_broker import CONTROLLER, LocalBroker
 
 
 class Client:
@@ -84,22 +85,6 @@ class Client:
         self.client.loop_stop()
 
 
-@pytest.fixture
-def mosquitto() -> Path:
-    binary = find_mosquitto()
-    if binary is None:
-        pytest.fail("mosquitto is not installed (apt-get install mosquitto; ./bootstrap does)")
-    return binary
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_acl_passwords_and_clean_stop(mosquitto: Path, tmp_path: Path) -> None:
     broker = LocalBroker(mosquitto, device_id="cam-1", state_dir=tmp_path)
     broker.start()
@@ -131,7 +116,7 @@ def test_acl_passwords_and_clean_stop(mosquitto: Path, tmp_path: Path) -> None:
         for c in clients:
             c.close()
         broker.stop()
-    assert not _alive(pid)
+    assert not process_alive(pid)
     assert not folder.exists()
     assert not (tmp_path / "local-broker.json").exists()
 
@@ -170,11 +155,11 @@ def test_a_broker_left_by_a_killed_agent_is_ended_at_the_next_start(
     try:
         second.start()
         deadline = time.monotonic() + 10
-        while _alive(old_pid) and time.monotonic() < deadline:
+        while process_alive(old_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
             if first._proc is not None:  # reap our own child when it exits
                 first._proc.poll()
-        assert not _alive(old_pid)
+        assert not process_alive(old_pid)
         assert not old_folder.exists()
         assert second.running
         assert json.loads((tmp_path / "local-broker.json").read_text())["pid"] == second.pid
@@ -277,7 +262,7 @@ def test_readme_command_reports_detections_to_a_local_broker(
     stdout = [json.loads(line) for line in cli.stdout if line.startswith("{")]
     assert any(m.get("topic") == "vision/street/detections" for m in stdout)
     # the broker went with the agent
-    assert not _alive(int(record["pid"]))
+    assert not process_alive(int(record["pid"]))
     assert not Path(record["config"]).parent.exists()
     assert not (tmp_path / "state" / "local-broker.json").exists()
 
